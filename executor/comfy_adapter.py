@@ -1,0 +1,284 @@
+"""The one module that touches ComfyUI internals.
+
+It submits prompts the way ComfyUI's POST /prompt does, reads the queue, and observes
+completion by wrapping `PromptQueue.task_done` (ComfyUI has no job-finished hook).
+Differences between ComfyUI versions are detected here, from signatures and module
+attributes, and nowhere else:
+- `validate_prompt(prompt_id, prompt[, partial_execution_list])`: 2 or 3 parameters;
+- queue items of 5 elements, or 6 with `sensitive` (0.33+); a wrong length kills the worker;
+- `task_done(item_id, history_result, status[, process_item])`: passed through as given.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .comfy_port import Completion, QueueSnapshot, SavedFile, Validation
+from .errors import UnsupportedComfyUI
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (0, 3, 44)
+CLIENT_ID = "comfy-courier"
+_WRAPPED = "_courier_wrapped"
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(p) for p in match.groups()) if match else None
+
+
+class ComfyAdapter:
+    client_id = CLIENT_ID
+
+    def __init__(
+        self,
+        server: Any,
+        execution: ModuleType | Any,
+        folder_paths: ModuleType | Any,
+        get_executing_context: Callable[[], Any],
+        interrupt_processing: Callable[[bool], None],
+        listen: str = "127.0.0.1",
+        port: int = 8188,
+        tls: bool = False,
+        version: str | None = None,
+    ) -> None:
+        self.server = server
+        self.queue = server.prompt_queue
+        self.folder_paths = folder_paths
+        self.version = version
+        self._execution = execution
+        self._get_executing_context = get_executing_context
+        self._interrupt_processing = interrupt_processing
+        self._listen = listen
+        self._port = port
+        self._tls = tls
+        self._number_lock = threading.Lock()
+        validate = getattr(execution, "validate_prompt", None)
+        if validate is None or not inspect.iscoroutinefunction(validate):
+            raise UnsupportedComfyUI(
+                "this ComfyUI has no async execution.validate_prompt; comfy-courier needs "
+                f"ComfyUI {'.'.join(map(str, MIN_VERSION))} or newer"
+            )
+        self._validate = validate
+        self._validate_arity = len(inspect.signature(validate).parameters)
+        self.queue_item_length = self._detect_queue_item_length()
+
+    @classmethod
+    def from_comfyui(cls) -> ComfyAdapter:
+        """Build the adapter from the running ComfyUI; raises UnsupportedComfyUI if too old."""
+        try:
+            import execution
+            import folder_paths
+            import server
+            from comfy.cli_args import args
+            from comfy.model_management import interrupt_current_processing
+            from comfy_execution.utils import get_executing_context
+        except ImportError as e:
+            raise UnsupportedComfyUI(
+                f"ComfyUI internals missing ({e}); comfy-courier needs ComfyUI "
+                f"{'.'.join(map(str, MIN_VERSION))} or newer"
+            ) from e
+        try:
+            from comfyui_version import __version__ as version
+        except ImportError:
+            version = None
+        parsed = parse_version(version)
+        if parsed is not None and parsed < MIN_VERSION:
+            raise UnsupportedComfyUI(
+                f"ComfyUI {version} is older than {'.'.join(map(str, MIN_VERSION))}"
+            )
+        return cls(
+            server.PromptServer.instance,
+            execution,
+            folder_paths,
+            get_executing_context,
+            interrupt_current_processing,
+            listen=str(getattr(args, "listen", "127.0.0.1") or "127.0.0.1"),
+            port=int(getattr(args, "port", 8188)),
+            tls=bool(getattr(args, "tls_keyfile", None)),
+            version=version,
+        )
+
+    def _detect_queue_item_length(self) -> int:
+        # ComfyUI 0.33+ moved secrets out of extra_data into a 6th `sensitive` element; the
+        # same change added `process_item` to task_done and SENSITIVE_EXTRA_DATA_KEYS.
+        params = inspect.signature(self.queue.task_done).parameters
+        if "process_item" in params or hasattr(self._execution, "SENSITIVE_EXTRA_DATA_KEYS"):
+            return 6
+        return 5
+
+    # -- identity -----------------------------------------------------------------------
+
+    @property
+    def loop(self) -> Any:
+        return self.server.loop
+
+    @property
+    def routes(self) -> Any:
+        return self.server.routes
+
+    def instance_name(self) -> str:
+        """Stable across restarts of one ComfyUI process, distinct between its siblings."""
+        return f"{socket.gethostname()}:{self._port}"
+
+    def base_url(self) -> str:
+        host = self._listen.split(",")[0].strip()
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self._tls else 'http'}://{host}:{self._port}"
+
+    def listens_beyond_loopback(self) -> bool:
+        hosts = [h.strip() for h in self._listen.split(",")]
+        return any(h not in ("127.0.0.1", "localhost", "::1") for h in hosts)
+
+    def user_directory(self) -> Path:
+        return Path(self.folder_paths.get_user_directory())
+
+    def output_directory(self) -> Path:
+        return Path(self.folder_paths.get_output_directory())
+
+    # -- submission ---------------------------------------------------------------------
+
+    def apply_on_prompt_handlers(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        """Run the on_prompt handlers /prompt runs (wildcard packs rewrite prompts there)."""
+        trigger = getattr(self.server, "trigger_on_prompt", None)
+        if trigger is None:
+            return prompt
+        try:
+            json_data = trigger({"prompt": prompt, "client_id": self.client_id})
+        except Exception:
+            log.exception("[courier] an on_prompt handler failed; running the prompt as sent")
+            return prompt
+        result = json_data.get("prompt") if isinstance(json_data, dict) else None
+        return result if isinstance(result, dict) else prompt
+
+    async def validate(self, prompt_id: str, prompt: dict[str, Any]) -> Validation:
+        args: tuple[Any, ...] = (prompt_id, prompt, None)[: self._validate_arity]
+        try:
+            ok, error, outputs, node_errors = await self._validate(*args)
+        except Exception as e:  # validate_prompt raises on shapes it does not expect
+            return Validation(
+                False, {"type": "invalid_prompt", "message": f"Invalid prompt: {e}",
+                        "details": type(e).__name__, "extra_info": {}}, [], {}
+            )
+        return Validation(bool(ok), error or None, list(outputs or []), dict(node_errors or {}))
+
+    def enqueue(
+        self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
+    ) -> None:
+        with self._number_lock:  # /prompt does this on the loop too; the lock guards our threads
+            number = self.server.number
+            self.server.number += 1
+        item: tuple[Any, ...] = (number, prompt_id, prompt, extra_data, outputs)
+        if self.queue_item_length == 6:
+            item += ({},)  # `sensitive`: the courier never puts secrets in a job
+        self.queue.put(item)
+
+    # -- the queue ----------------------------------------------------------------------
+
+    def queue_snapshot(self) -> QueueSnapshot:
+        # Read ids under the queue's own lock; get_current_queue() would deep-copy every
+        # pending prompt, which costs milliseconds on a long queue.
+        with self.queue.mutex:
+            running = [item[1] for item in self.queue.currently_running.values()]
+            pending = [item[1] for item in sorted(self.queue.queue, key=lambda i: i[0])]
+        return QueueSnapshot(running, pending)
+
+    def remove_pending(self, prompt_id: str) -> bool:
+        return bool(self.queue.delete_queue_item(lambda item: item[1] == prompt_id))
+
+    def running_prompt(self, prompt_id: str) -> dict[str, Any] | None:
+        with self.queue.mutex:
+            for item in self.queue.currently_running.values():
+                if item[1] == prompt_id:
+                    return dict(item[2])
+        return None
+
+    def interrupt(self, prompt_id: str) -> bool:
+        """Interrupt only if this prompt is the one running: the flag is global."""
+        with self.queue.mutex:
+            running = {item[1] for item in self.queue.currently_running.values()}
+            if prompt_id not in running:
+                return False
+            self._interrupt_processing(True)
+        return True
+
+    def on_completion(self, callback: Callable[[Completion], None]) -> None:
+        """Call `callback` on the worker thread when a prompt leaves execution."""
+        queue = self.queue
+        original = queue.task_done
+        if getattr(original, _WRAPPED, False):
+            original = original.__wrapped__
+
+        def task_done(item_id: Any, history_result: Any, status: Any, *args: Any, **kwargs: Any) -> Any:
+            item = queue.currently_running.get(item_id)
+            if item is not None:
+                try:
+                    callback(_completion(item[1], history_result, status))
+                except Exception:  # never break ComfyUI's worker
+                    log.exception("[courier] completion hook failed")
+            return original(item_id, history_result, status, *args, **kwargs)
+
+        task_done.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(task_done, _WRAPPED, True)
+        queue.task_done = task_done
+
+    # -- nodes --------------------------------------------------------------------------
+
+    def executing(self) -> tuple[str, str] | None:
+        """(prompt_id, node_id) of the node running on this thread, if any."""
+        context = self._get_executing_context()
+        if context is None:
+            return None
+        return str(context.prompt_id), str(context.node_id)
+
+    def save_path(self, prefix: str, width: int, height: int) -> tuple[str, str, int, str, str]:
+        """folder_paths.get_save_image_path: refuses prefixes that leave the output folder."""
+        result = self.folder_paths.get_save_image_path(
+            prefix, self.folder_paths.get_output_directory(), width, height
+        )
+        return tuple(result)  # type: ignore[return-value]
+
+    def output_files(self, outputs: dict[str, Any]) -> list[SavedFile]:
+        """Files of output nodes (type 'output', never temp previews) from a history result."""
+        root = self.output_directory()
+        files: list[SavedFile] = []
+        for node_id, ui in outputs.items():
+            if not isinstance(ui, dict):
+                continue
+            index = 0
+            for entry in ui.get("images") or []:
+                if not isinstance(entry, dict) or entry.get("type") != "output":
+                    continue
+                path = (root / str(entry.get("subfolder") or "") / str(entry["filename"])).resolve()
+                if root.resolve() not in path.parents:
+                    continue
+                files.append(SavedFile(str(node_id), index, path))
+                index += 1
+        return files
+
+
+def _completion(prompt_id: str, history_result: Any, status: Any) -> Completion:
+    outputs: Any = history_result
+    if isinstance(history_result, dict) and "outputs" in history_result:
+        outputs = history_result["outputs"]
+    status_str = getattr(status, "status_str", None) or "success"
+    messages = [
+        (str(m[0]), dict(m[1]) if isinstance(m[1], dict) else {})
+        for m in (getattr(status, "messages", None) or [])
+        if isinstance(m, (list, tuple)) and len(m) == 2
+    ]
+    return Completion(prompt_id, status_str, messages, dict(outputs or {}))

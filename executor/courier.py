@@ -1,0 +1,548 @@
+"""The courier: accepts jobs, follows them through ComfyUI, stores images, reports once.
+
+Everything here runs on ComfyUI's server loop. The journal is the source of truth; the
+in-memory `_runs` map only holds the upload tasks of jobs this process is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from . import intake
+from .comfy_port import ComfyPort, Completion, QueueSnapshot
+from .delivery import Deliverer
+from .errors import Conflict, IdempotencyConflict, NotFound, QueueFull, StorageError, WorkflowRejected
+from .images import EncodedImage, sanitize_file
+from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
+from .journal import Journal, JournalThread, OutboxEvent
+from .settings import Settings
+from .storage import Storage
+from .uploads import upload_with_retry
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "comfy-courier"
+WATCH_INTERVAL = 0.5
+
+
+@dataclass
+class Run:
+    """A job this process put on ComfyUI's queue and has not finished yet."""
+
+    job: Job
+    uses_node: bool
+    uploads: list[asyncio.Task[Output]] = field(default_factory=list)
+    next_seq: int = 1
+    completed: bool = False
+
+
+class Courier:
+    def __init__(
+        self,
+        settings: Settings,
+        comfy: ComfyPort,
+        db: JournalThread,
+        storage: Storage,
+        instance: str,
+        deliverer: Deliverer | None = None,
+        clock: Callable[[], float] = time.time,
+        upload_schedule: tuple[float, ...] = (0.5, 2.0, 8.0),
+    ) -> None:
+        self.settings = settings
+        self.comfy = comfy
+        self.db = db
+        self.storage = storage
+        self.instance = instance
+        self.deliverer = deliverer
+        self.clock = clock
+        self.upload_schedule = upload_schedule
+        self.ready = asyncio.Event()
+        self._runs: dict[str, Run] = {}
+        self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
+        self._id_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover what a previous process left, then watch the queue and deliver."""
+        self._loop = asyncio.get_running_loop()
+        self.comfy.on_completion(self._completion_from_worker)
+        await self.recover()
+        self.ready.set()
+        self._spawn(self._watch())
+        if self.deliverer is not None:
+            self._spawn(self.deliverer.run())
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("[courier] background task failed", exc_info=task.exception())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- intake -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _locked(self, content_request_id: str) -> AsyncIterator[None]:
+        """Serialise requests for one id so concurrent duplicates never both run."""
+        lock = self._id_locks.setdefault(content_request_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._id_locks.pop(content_request_id, None)
+
+    async def submit(self, request: intake.Request) -> tuple[int, dict[str, Any]]:
+        """Accept a job (202), replay a duplicate (200), or raise the matching error."""
+        cid = request.content_request_id
+        async with self._locked(cid):
+            existing = await self.db(Journal.latest, cid)
+            attempt = 1
+            if existing is not None:
+                if not existing.final or existing.state is JobState.SUCCESS:
+                    if existing.fingerprint != request.fingerprint:
+                        raise IdempotencyConflict(
+                            f"content_request_id {cid!r} was already accepted with a different "
+                            "workflow; use a new id for a new request",
+                            content_request_id=cid,
+                        )
+                    return 200, await self._status(existing)
+                attempt = existing.attempt + 1
+            unfinished = await self.db(Journal.count_unfinished)
+            if unfinished >= self.settings.max_queue:
+                raise QueueFull(
+                    f"comfy-courier has {unfinished} unfinished jobs "
+                    f"(COURIER_MAX_QUEUE={self.settings.max_queue}); try again later",
+                    retry_after=self._retry_after(),
+                )
+            job = Job(
+                content_request_id=cid,
+                attempt=attempt,
+                prompt_id=str(uuid.uuid4()),
+                instance=self.instance,
+                workflow=request.canonical,
+                fingerprint=request.fingerprint,
+                created_at=self.clock(),
+            )
+            prompt, outputs = await self._validated_prompt(job, request.workflow)
+            await self.db(Journal.insert, job)
+            self._enqueue(job, prompt, outputs, intake.uses_courier_node(request.workflow))
+            log.info("[courier] queued id=%s attempt=%s prompt=%s", cid, attempt, job.prompt_id)
+            return 202, await self._status(job)
+
+    async def _validated_prompt(
+        self, job: Job, workflow: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[str]]:
+        prompt = intake.prepare_prompt(workflow, job.content_request_id)
+        prompt = self.comfy.apply_on_prompt_handlers(prompt)
+        result = await self.comfy.validate(job.prompt_id, prompt)
+        if not result.ok or result.node_errors:
+            error = result.error or {
+                "type": "prompt_outputs_failed_validation",
+                "message": "Prompt outputs failed validation",
+                "details": "some output nodes are invalid; the workflow is not run partly",
+                "extra_info": {},
+            }
+            raise WorkflowRejected(error, result.node_errors)
+        return prompt, result.outputs
+
+    def _enqueue(self, job: Job, prompt: dict[str, Any], outputs: list[str], uses_node: bool) -> None:
+        self._runs[job.prompt_id] = Run(job, uses_node)
+        extra_data = {
+            "client_id": self.comfy.client_id,
+            "create_time": int(self.clock() * 1000),
+            "courier": {"content_request_id": job.content_request_id, "attempt": job.attempt},
+        }
+        self.comfy.enqueue(job.prompt_id, prompt, extra_data, outputs)
+
+    def _retry_after(self) -> int:
+        return 10
+
+    # -- status and cancel --------------------------------------------------------------
+
+    async def status(self, content_request_id: str) -> dict[str, Any]:
+        job = await self.db(Journal.latest, content_request_id)
+        if job is None:
+            raise NotFound(f"no job with content_request_id {content_request_id!r}")
+        return await self._status(job)
+
+    async def _status(self, job: Job, snapshot: QueueSnapshot | None = None) -> dict[str, Any]:
+        summary = await self.db(Journal.callback_summary, job.content_request_id, job.attempt)
+        if summary is None:
+            summary = CallbackSummary("pending" if self._will_call_back(job) else "none")
+        position = None
+        if not job.final:
+            position = (snapshot or self.comfy.queue_snapshot()).position(job.prompt_id)
+        return status_body(job, summary, position)
+
+    def _will_call_back(self, job: Job) -> bool:
+        return self.settings.callback_url is not None and not job.final
+
+    async def cancel(self, content_request_id: str) -> dict[str, Any]:
+        async with self._locked(content_request_id):
+            job = await self.db(Journal.latest, content_request_id)
+            if job is None:
+                raise NotFound(f"no job with content_request_id {content_request_id!r}")
+            run = self._runs.get(job.prompt_id)
+            if job.state not in (JobState.QUEUED, JobState.RUNNING) or run is None or run.completed:
+                raise Conflict(
+                    f"job {content_request_id!r} has finished executing ({job.state.value}); "
+                    "nothing to cancel",
+                    state=job.state.value,
+                )
+            if self.comfy.remove_pending(job.prompt_id):
+                await self._finish(run, ErrorType.CANCELLED, "cancelled before it ran (DELETE request)")
+            else:
+                run.job.cancel_requested = True
+                await self.db(Journal.set_state, job.prompt_id, run.job.state, cancel_requested=1)
+                if not self.comfy.interrupt(job.prompt_id):
+                    log.warning("[courier] cancel id=%s: prompt not running, waiting", content_request_id)
+            latest = await self.db(Journal.latest, content_request_id)
+            assert latest is not None
+            return await self._status(latest)
+
+    # -- from ComfyUI's worker thread ---------------------------------------------------
+
+    def _completion_from_worker(self, completion: Completion) -> None:
+        """Called on the worker thread just before ComfyUI's task_done: never block here."""
+        self._done_seen.add(completion.prompt_id)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._on_completion, completion)
+
+    def images_saved(self, prompt_id: str, node_id: str, content_request_id: str,
+                     images: list[tuple[EncodedImage, Path]]) -> None:
+        """The node saved images (runs on the loop; the node reached it via call_soon_threadsafe).
+
+        Registering synchronously keeps the order with the completion that follows.
+        """
+        run = self._runs.get(prompt_id)
+        if run is None:
+            if content_request_id:
+                log.warning("[courier] images of prompt %s arrived after its job ended; not sent",
+                            prompt_id)
+                return
+            self._spawn(self._upload_ui_run(prompt_id, node_id, images))
+            return
+        if run.job.state is JobState.QUEUED:
+            self._spawn(self._mark_running(run))
+        for index, (image, path) in enumerate(images):
+            self._start_upload(run, node_id, index, image.data, image, path)
+
+    def _start_upload(self, run: Run, node_id: str, index: int, data: bytes,
+                      image: EncodedImage, path: Path | None) -> None:
+        seq = run.next_seq
+        run.next_seq += 1
+        job = run.job
+        output = Output(
+            node_id=node_id,
+            index=index,
+            key=f"{job.content_request_id}/{job.attempt}-{seq}.{image.extension}",
+            content_type=image.content_type,
+            bytes=len(data),
+            width=image.width,
+            height=image.height,
+            path=str(path) if path else None,
+        )
+        run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
+
+    async def _upload(self, job: Job, seq: int, output: Output, data: bytes) -> Output:
+        await self.db(Journal.record_image, job, seq, output)
+        url = await upload_with_retry(self.storage, output.key, data, output.content_type,
+                                      self.upload_schedule)
+        stored = replace(output, url=url)
+        await self.db(Journal.record_image, job, seq, stored)
+        return stored
+
+    async def _upload_ui_run(self, prompt_id: str, node_id: str,
+                             images: list[tuple[EncodedImage, Path]]) -> None:
+        for n, (image, _) in enumerate(images, start=1):
+            key = f"ui/{prompt_id}/{node_id}-{n}.{image.extension}"
+            try:
+                url = await upload_with_retry(self.storage, key, image.data, image.content_type,
+                                              self.upload_schedule)
+                log.info("[courier] UI run prompt=%s image stored: %s", prompt_id, url)
+            except StorageError as e:
+                log.error("[courier] UI run prompt=%s upload failed: %s", prompt_id, e.message)
+
+    # -- completion ---------------------------------------------------------------------
+
+    def _on_completion(self, completion: Completion) -> None:
+        run = self._runs.get(completion.prompt_id)
+        if run is None or run.completed:
+            self._done_seen.discard(completion.prompt_id)
+            return
+        run.completed = True
+        self._spawn(self._complete(run, completion))
+
+    async def _complete(self, run: Run, completion: Completion) -> None:
+        job = run.job
+        job.executed_at = self.clock()
+        if job.started_at is None:
+            job.started_at = job.executed_at
+        try:
+            await self._settle(run, completion)
+        except Exception as e:  # whatever breaks, the job still ends with one callback
+            log.exception("[courier] finishing id=%s failed", job.content_request_id)
+            await self._finish(run, ErrorType.EXECUTION, f"comfy-courier failed: {e!r}"[:500])
+        finally:
+            self._done_seen.discard(completion.prompt_id)
+
+    async def _settle(self, run: Run, completion: Completion) -> None:
+        job = run.job
+        if completion.status_str != "success":
+            error_type, message, node_id = self._failure(run, completion)
+            await self._finish(run, error_type, message, node_id)
+            return
+        if not run.uses_node:
+            await self._collect_saved_files(run, completion)
+        await self.db(Journal.set_state, job.prompt_id, JobState.UPLOADING,
+                      executed_at=job.executed_at, started_at=job.started_at,
+                      expected_images=len(run.uploads))
+        job.state = JobState.UPLOADING
+        await self._finish_uploads(run)
+
+    async def _finish_uploads(self, run: Run) -> None:
+        results = await asyncio.gather(*run.uploads, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            first = failures[0]
+            message = first.message if isinstance(first, StorageError) else repr(first)
+            await self._finish(run, ErrorType.UPLOAD, f"image upload failed: {message}")
+            return
+        outputs = [r for r in results if isinstance(r, Output)]
+        if not outputs:
+            await self._finish(run, ErrorType.EXECUTION,
+                               "the workflow finished without producing an image "
+                               "(add a SaveAndCallback or SaveImage node)")
+            return
+        await self._finish(run, None, None, outputs=outputs)
+
+    async def _collect_saved_files(self, run: Run, completion: Completion) -> None:
+        """A workflow without SaveAndCallback: deliver its SaveImage files, metadata stripped."""
+        for saved in self.comfy.output_files(completion.outputs):
+            try:
+                raw = await asyncio.to_thread(saved.path.read_bytes)
+                image = await asyncio.to_thread(sanitize_file, raw, self.settings.keep_metadata)
+            except (OSError, ValueError) as e:
+                failed: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
+                failed.set_exception(StorageError(f"cannot read {saved.path.name}: {e}", False))
+                run.uploads.append(failed)  # type: ignore[arg-type]
+                continue
+            self._start_upload(run, saved.node_id, saved.index, image.data, image, saved.path)
+
+    def _failure(self, run: Run, completion: Completion) -> tuple[ErrorType, str, str | None]:
+        for event, data in completion.messages:
+            if event == "execution_error":
+                node = data.get("node_id")
+                where = f"{data.get('node_type', 'node')} (node {node})" if node else "a node"
+                message = f"{where} failed: {data.get('exception_type', 'Error')}: " \
+                          f"{data.get('exception_message', '')}".strip()
+                return ErrorType.EXECUTION, message, str(node) if node is not None else None
+            if event == "execution_interrupted":
+                node = data.get("node_id")
+                node_id = str(node) if node is not None else None
+                if run.job.cancel_requested:
+                    return ErrorType.CANCELLED, "cancelled while running (DELETE request)", node_id
+                return ErrorType.INTERRUPTED, "interrupted in ComfyUI while running", node_id
+        return ErrorType.EXECUTION, f"ComfyUI reported {completion.status_str!r}", None
+
+    async def _mark_running(self, run: Run) -> None:
+        if run.job.state is not JobState.QUEUED:
+            return
+        run.job.state = JobState.RUNNING
+        run.job.started_at = self.clock()
+        await self.db(Journal.set_state, run.job.prompt_id, JobState.RUNNING,
+                      started_at=run.job.started_at)
+        log.info("[courier] running id=%s prompt=%s", run.job.content_request_id,
+                 run.job.prompt_id)
+
+    async def _finish(self, run: Run, error_type: ErrorType | None, message: str | None,
+                      node_id: str | None = None, outputs: list[Output] | None = None) -> bool:
+        """Commit the final state and its callback event, once. False if already final."""
+        job = run.job
+        outputs = sorted(outputs or [], key=lambda o: (_node_order(o.node_id), o.index))
+        job.state = JobState.SUCCESS if error_type is None else JobState.ERROR
+        job.error_type = error_type
+        job.error_message = message
+        job.node_id = node_id
+        job.outputs = outputs
+        job.image_urls = [o.url for o in outputs if o.url]
+        job.finished_at = self.clock()
+        event = None
+        if self.settings.callback_url is not None:
+            body = json.dumps(callback_body(job), separators=(",", ":")).encode()
+            event = OutboxEvent(f"msg_{uuid.uuid4().hex}", job.content_request_id, job.attempt,
+                                body, 0, job.finished_at)
+        finished = await self.db(Journal.finish, job, event)
+        self._runs.pop(job.prompt_id, None)
+        if not finished:
+            return False
+        if error_type is None:
+            log.info("[courier] success id=%s attempt=%s prompt=%s images=%d",
+                     job.content_request_id, job.attempt, job.prompt_id, len(job.image_urls))
+        else:
+            log.warning("[courier] error id=%s attempt=%s prompt=%s type=%s: %s",
+                        job.content_request_id, job.attempt, job.prompt_id, error_type.value,
+                        message)
+        if event is not None and self.deliverer is not None:
+            self.deliverer.wake()
+        return True
+
+    # -- watching the queue -------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.watch_once()
+            except Exception:
+                log.exception("[courier] queue watch failed")
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    async def watch_once(self) -> None:
+        """Notice jobs that started, ran too long, or vanished from ComfyUI's queue."""
+        if not self._runs:
+            return
+        snapshot = self.comfy.queue_snapshot()
+        now = self.clock()
+        for prompt_id, run in list(self._runs.items()):
+            if run.completed or prompt_id in self._done_seen:
+                continue
+            job = run.job
+            if prompt_id in snapshot.running:
+                if job.state is JobState.QUEUED:
+                    await self._mark_running(run)
+                started = job.started_at or now
+                if now - started > self.settings.job_timeout:
+                    self.comfy.interrupt(prompt_id)
+                    run.completed = True
+                    await self._finish(run, ErrorType.TIMEOUT,
+                                       f"ran longer than {self.settings.job_timeout:g} s "
+                                       "(COURIER_JOB_TIMEOUT); interrupted")
+            elif prompt_id not in snapshot.pending and prompt_id not in self._done_seen:
+                run.completed = True
+                await self._finish(run, ErrorType.CANCELLED,
+                                   "removed from ComfyUI's queue before it ran")
+
+    # -- recovery -----------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Finish or resubmit what a previous process of this instance left unfinished."""
+        for job in await self.db(Journal.unfinished, self.instance):
+            try:
+                await self._recover(job)
+            except Exception:
+                log.exception("[courier] could not recover id=%s", job.content_request_id)
+
+    async def _recover(self, job: Job) -> None:
+        workflow = json.loads(job.workflow)
+        run = Run(job, intake.uses_courier_node(workflow), completed=True)
+        if job.state is JobState.UPLOADING and await self._resume_uploads(run):
+            log.info("[courier] recovered uploads id=%s attempt=%s", job.content_request_id,
+                     job.attempt)
+            self._spawn(self._finish_uploads(run))
+            return
+        if job.runs >= self.settings.max_attempts:
+            self._runs[job.prompt_id] = run
+            await self._finish(run, ErrorType.LOST,
+                               f"ComfyUI stopped while this job was {job.state.value} "
+                               f"({job.runs} run(s); COURIER_MAX_ATTEMPTS="
+                               f"{self.settings.max_attempts})")
+            return
+        old_prompt_id = job.prompt_id
+        job.prompt_id = str(uuid.uuid4())
+        try:
+            prompt, outputs = await self._validated_prompt(job, workflow)
+        except WorkflowRejected as e:
+            job.prompt_id = old_prompt_id
+            self._runs[job.prompt_id] = run
+            await self._finish(run, ErrorType.VALIDATION,
+                               f"resubmission after a restart failed validation: {e.message}")
+            return
+        await self.db(Journal.resubmitted, old_prompt_id, job.prompt_id, self.clock())
+        job.runs += 1
+        job.state = JobState.QUEUED
+        job.started_at = job.executed_at = None
+        self._enqueue(job, prompt, outputs, run.uses_node)
+        log.info("[courier] resubmitted id=%s attempt=%s prompt=%s run=%s",
+                 job.content_request_id, job.attempt, job.prompt_id, job.runs)
+
+    async def _resume_uploads(self, run: Run) -> bool:
+        """Upload what the dead process had not; False when a saved file is missing."""
+        job = run.job
+        recorded = await self.db(Journal.images, job.content_request_id, job.attempt)
+        if job.expected_images is None or len(recorded) != job.expected_images:
+            return False
+        pending: list[tuple[int, Output, bytes]] = []
+        for seq, output in recorded:
+            if output.url:
+                continue
+            try:
+                data = await asyncio.to_thread(Path(output.path or "").read_bytes)
+            except OSError:
+                return False
+            if not run.uses_node:
+                data = (await asyncio.to_thread(sanitize_file, data,
+                                                self.settings.keep_metadata)).data
+            pending.append((seq, output, data))
+        for seq, output in recorded:
+            if output.url:
+                done: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
+                done.set_result(output)
+                run.uploads.append(done)  # type: ignore[arg-type]
+        for seq, output, data in pending:
+            run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
+        self._runs[job.prompt_id] = run
+        return True
+
+    # -- health -------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        snapshot = self.comfy.queue_snapshot()
+        unfinished = await self.db(Journal.count_unfinished)
+        outbox = await self.db(Journal.outbox_counts)
+        return {
+            "ok": True,
+            "ready": self.ready.is_set(),
+            "instance": self.instance,
+            "queue": {
+                "comfy_running": len(snapshot.running),
+                "comfy_pending": len(snapshot.pending),
+                "courier_unfinished": unfinished,
+                "courier_max": self.settings.max_queue,
+            },
+            "outbox": {
+                "pending": outbox.get("pending", 0),
+                "dead": outbox.get("dead", 0),
+                "delivered": outbox.get("delivered", 0),
+            },
+            "storage": self.storage.kind,
+            "callback_configured": self.settings.callback_url is not None,
+            "signed_callbacks": bool(self.settings.webhook_secrets),
+            "config_problems": len(self.settings.problems),
+        }
+
+
+def _node_order(node_id: str) -> tuple[int, int | str]:
+    return (0, int(node_id)) if node_id.isdigit() else (1, node_id)
+

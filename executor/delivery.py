@@ -1,0 +1,220 @@
+"""Callback delivery from the durable outbox: claim -> send -> record.
+
+The schedule lives in the journal (`next_attempt_at`), not in a sleeping coroutine, so a
+restart resumes exactly where the last process stopped. Delivery is at-least-once;
+receivers de-duplicate on `webhook-id`, which is stable across retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from .journal import Journal, JournalThread, OutboxEvent
+from .signing import signature_headers
+
+log = logging.getLogger(__name__)
+
+# In the spirit of Standard Webhooks: now, 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h,
+# then every 4 h until the retry horizon (COURIER_RETRY_HORIZON, a day by default).
+DEFAULT_SCHEDULE: tuple[float, ...] = (0, 5, 30, 120, 600, 1800, 3600, 7200, 14400)
+RETRYABLE_4XX = {408, 425, 429}
+
+
+@dataclass(frozen=True)
+class Delivered:
+    status: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    reason: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Permanent:
+    reason: str
+
+
+Outcome = Delivered | Retry | Permanent
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def classify(response: httpx.Response, now: float) -> Outcome:
+    code = response.status_code
+    if 200 <= code < 300:
+        return Delivered(code)
+    reason = f"HTTP {code}"
+    if code in RETRYABLE_4XX or code >= 500 or code < 400:
+        return Retry(reason, parse_retry_after(response.headers.get("retry-after"), now))
+    return Permanent(reason)
+
+
+class Deliverer:
+    def __init__(
+        self,
+        db: JournalThread,
+        instance: str,
+        url: str,
+        api_key: str | None,
+        secrets: Sequence[str],
+        *,
+        schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        horizon: float = 86400.0,
+        timeout: float = 10.0,
+        concurrency: int = 8,
+        jitter: float = 0.1,
+        clock: Callable[[], float] = time.time,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._db = db
+        self._instance = instance
+        self._url = url
+        self._api_key = api_key
+        self._secrets = tuple(secrets)
+        self._schedule = tuple(schedule) or (0.0,)
+        self._horizon = horizon
+        self._timeout = timeout
+        self._jitter = jitter
+        self._clock = clock
+        self._client = client
+        self._slots = asyncio.Semaphore(concurrency)
+        self._in_flight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self.sent = 0
+        self.failures = 0
+
+    def wake(self) -> None:
+        """A new event was committed: look now instead of at the next scheduled time."""
+        self._wake.set()
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(follow_redirects=False, timeout=self._timeout)
+        return self._client
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.dispatch_due()
+                next_at = await self._db(Journal.next_due_at, self._instance)
+            except Exception:  # a journal hiccup must not end delivery for good
+                log.exception("[courier] outbox pass failed; retrying in 5 s")
+                next_at = self._clock() + 5
+            delay = 3600.0 if next_at is None else max(0.05, next_at - self._clock())
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 3600.0))
+            except asyncio.TimeoutError:
+                pass
+
+    async def dispatch_due(self, limit: int = 200) -> int:
+        """Start sending every due event not already in flight; returns how many started."""
+        now = self._clock()
+        events = await self._db(Journal.due_events, self._instance, now, limit)
+        started = 0
+        for event in events:
+            if event.event_id in self._in_flight:
+                continue
+            self._in_flight.add(event.event_id)
+            task = asyncio.ensure_future(self._deliver(event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started += 1
+        return started
+
+    async def drain(self) -> None:
+        """Wait for the sends in flight (tests and shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _deliver(self, event: OutboxEvent) -> None:
+        try:
+            async with self._slots:
+                if not await self._db(Journal.event_still_current, event.event_id):
+                    return
+                outcome = await self._send(event)
+                await self._record(event, outcome)
+        except Exception:
+            log.exception("[courier] delivering %s failed unexpectedly", event.event_id)
+        finally:
+            self._in_flight.discard(event.event_id)
+
+    async def _send(self, event: OutboxEvent) -> Outcome:
+        headers = {"Content-Type": "application/json", "User-Agent": "comfy-courier"}
+        if self._api_key:
+            headers["X-API-Key"] = self._api_key
+        headers.update(signature_headers(event.event_id, event.body, self._secrets))
+        try:
+            response = await self._http().post(self._url, content=event.body, headers=headers)
+        except httpx.TimeoutException:
+            return Retry(f"no answer within {self._timeout:g} s")
+        except httpx.HTTPError as e:
+            return Retry(f"{type(e).__name__}: {e}"[:300])
+        return classify(response, self._clock())
+
+    async def _record(self, event: OutboxEvent, outcome: Outcome) -> None:
+        now = self._clock()
+        attempts = event.attempts + 1
+        if isinstance(outcome, Delivered):
+            self.sent += 1
+            await self._db(Journal.record_delivery, event.event_id, "delivered", attempts, now)
+            log.info(
+                "[courier] callback delivered id=%s attempt=%s event=%s tries=%s",
+                event.content_request_id, event.attempt, event.event_id, attempts,
+            )
+            return
+        self.failures += 1
+        if isinstance(outcome, Permanent):
+            await self._db(
+                Journal.record_delivery, event.event_id, "dead", attempts, now, None, outcome.reason
+            )
+            log.error(
+                "[courier] callback dead-lettered id=%s attempt=%s event=%s: receiver answered %s",
+                event.content_request_id, event.attempt, event.event_id, outcome.reason,
+            )
+            return
+        delay = self._schedule[min(attempts, len(self._schedule) - 1)]
+        delay *= 1 + random.uniform(-self._jitter, self._jitter)
+        if outcome.retry_after is not None:
+            delay = max(delay, outcome.retry_after)
+        next_at = now + delay
+        if next_at - event.created_at > self._horizon:
+            await self._db(
+                Journal.record_delivery, event.event_id, "dead", attempts, now, None,
+                f"gave up after {attempts} tries: {outcome.reason}",
+            )
+            log.error(
+                "[courier] callback dead-lettered id=%s attempt=%s event=%s: retry horizon over (%s)",
+                event.content_request_id, event.attempt, event.event_id, outcome.reason,
+            )
+            return
+        await self._db(
+            Journal.record_delivery, event.event_id, "pending", attempts, now, next_at, outcome.reason
+        )
+        log.warning(
+            "[courier] callback try %s failed id=%s event=%s: %s; next in %.0f s",
+            attempts, event.content_request_id, event.event_id, outcome.reason, delay,
+        )

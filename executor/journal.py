@@ -1,0 +1,449 @@
+"""The job journal: jobs, their images and the callback outbox in one SQLite file.
+
+Every change of state is one transaction, committed before anyone is told about it; a
+job's final state and its outbox event are written in the same transaction, which is
+what makes "exactly one final callback per attempt" hold across crashes.
+
+The methods are synchronous and must be called from one thread (see `JournalThread`).
+WAL mode needs a local filesystem: a journal on NFS/SMB can corrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .jobs import CallbackSummary, ErrorType, Job, JobState, Output
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    content_request_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    prompt_id TEXT NOT NULL UNIQUE,
+    instance TEXT NOT NULL,
+    state TEXT NOT NULL,
+    workflow TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 1,
+    error_type TEXT,
+    error_message TEXT,
+    node_id TEXT,
+    image_urls TEXT NOT NULL DEFAULT '[]',
+    expected_images INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    executed_at REAL,
+    finished_at REAL,
+    PRIMARY KEY (content_request_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (instance, state)
+    WHERE state NOT IN ('success', 'error');
+CREATE TABLE IF NOT EXISTS images (
+    content_request_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    path TEXT,
+    content_type TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    url TEXT,
+    PRIMARY KEY (content_request_id, attempt, seq)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    event_id TEXT PRIMARY KEY,
+    content_request_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    instance TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (content_request_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (instance, next_attempt_at)
+    WHERE state = 'pending';
+"""
+
+
+class DuplicateAttempt(Exception):
+    """Another request inserted this (content_request_id, attempt) first."""
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    event_id: str
+    content_request_id: str
+    attempt: int
+    body: bytes
+    attempts: int
+    created_at: float
+
+
+class Journal:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA busy_timeout = 10000")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"journal {self.path} has schema {version}, newer than this comfy-courier "
+                f"({SCHEMA_VERSION}); upgrade comfy-courier or point COURIER_DB elsewhere"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx() as db:
+            # executescript() would commit behind our back; one statement at a time.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so two processes sharing the
+        # file never interleave a read-then-write.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def latest(self, content_request_id: str) -> Job | None:
+        row = self._db.execute(
+            "SELECT * FROM jobs WHERE content_request_id = ? ORDER BY attempt DESC LIMIT 1",
+            (content_request_id,),
+        ).fetchone()
+        return self._job(row) if row else None
+
+    def by_prompt(self, prompt_id: str) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def insert(self, job: Job) -> None:
+        """Start an attempt; undelivered events of older attempts are dropped with it."""
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO jobs (content_request_id, attempt, prompt_id, instance, state,"
+                    " workflow, fingerprint, runs, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        job.content_request_id,
+                        job.attempt,
+                        job.prompt_id,
+                        job.instance,
+                        job.state.value,
+                        job.workflow,
+                        job.fingerprint,
+                        job.runs,
+                        job.created_at,
+                    ),
+                )
+                db.execute(
+                    "UPDATE outbox SET state = 'dropped', updated_at = ?"
+                    " WHERE content_request_id = ? AND attempt < ? AND state = 'pending'",
+                    (job.created_at, job.content_request_id, job.attempt),
+                )
+        except sqlite3.IntegrityError as e:
+            raise DuplicateAttempt(job.content_request_id) from e
+
+    def count_unfinished(self) -> int:
+        return int(
+            self._db.execute(
+                "SELECT count(*) FROM jobs WHERE state NOT IN ('success', 'error')"
+            ).fetchone()[0]
+        )
+
+    def unfinished(self, instance: str) -> list[Job]:
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE instance = ? AND state NOT IN ('success', 'error')"
+            " ORDER BY created_at",
+            (instance,),
+        ).fetchall()
+        return [self._job(r) for r in rows]
+
+    def set_state(self, prompt_id: str, state: JobState, **fields: Any) -> bool:
+        """Move an unfinished job to another unfinished state; False if it is final already."""
+        assert not state.final, "final states go through finish()"
+        columns = {"state": state.value, **fields}
+        sets = ", ".join(f"{name} = ?" for name in columns)
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET {sets} WHERE prompt_id = ? AND state NOT IN ('success', 'error')",
+                (*columns.values(), prompt_id),
+            )
+        return cur.rowcount == 1
+
+    def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> None:
+        """The same attempt runs again under a new prompt_id after a restart."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT content_request_id, attempt FROM jobs WHERE prompt_id = ?",
+                (old_prompt_id,),
+            ).fetchone()
+            db.execute(
+                "UPDATE jobs SET prompt_id = ?, runs = runs + 1, state = 'queued',"
+                " started_at = NULL, executed_at = NULL, expected_images = NULL,"
+                " created_at = created_at WHERE prompt_id = ?",
+                (new_prompt_id, old_prompt_id),
+            )
+            if row:
+                db.execute(
+                    "DELETE FROM images WHERE content_request_id = ? AND attempt = ?",
+                    (row["content_request_id"], row["attempt"]),
+                )
+
+    def finish(self, job: Job, event: OutboxEvent | None) -> bool:
+        """Write the final state (and its callback event) unless the job is final already.
+
+        Returns False when another path finished it first: then nothing is written, and
+        the caller must not report a second outcome.
+        """
+        assert job.state.final
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, error_type = ?, error_message = ?, node_id = ?,"
+                " image_urls = ?, finished_at = ?, executed_at = COALESCE(executed_at, ?)"
+                " WHERE prompt_id = ? AND state NOT IN ('success', 'error')",
+                (
+                    job.state.value,
+                    job.error_type.value if job.error_type else None,
+                    job.error_message,
+                    job.node_id,
+                    json.dumps(job.image_urls),
+                    job.finished_at,
+                    job.executed_at,
+                    job.prompt_id,
+                ),
+            )
+            if cur.rowcount != 1:
+                return False
+            if event is not None:
+                db.execute(
+                    "INSERT INTO outbox (event_id, content_request_id, attempt, instance, body,"
+                    " state, next_attempt_at, created_at, updated_at)"
+                    " VALUES (?,?,?,?,?,'pending',?,?,?)",
+                    (
+                        event.event_id,
+                        event.content_request_id,
+                        event.attempt,
+                        job.instance,
+                        event.body.decode(),
+                        event.created_at,
+                        event.created_at,
+                        event.created_at,
+                    ),
+                )
+        return True
+
+    # -- images -------------------------------------------------------------------------
+
+    def record_image(self, job: Job, seq: int, output: Output) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO images (content_request_id, attempt, seq, node_id, idx,"
+                " key, path, content_type, bytes, width, height, url)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job.content_request_id,
+                    job.attempt,
+                    seq,
+                    output.node_id,
+                    output.index,
+                    output.key,
+                    output.path,
+                    output.content_type,
+                    output.bytes,
+                    output.width,
+                    output.height,
+                    output.url,
+                ),
+            )
+
+    def images(self, content_request_id: str, attempt: int) -> list[tuple[int, Output]]:
+        rows = self._db.execute(
+            "SELECT * FROM images WHERE content_request_id = ? AND attempt = ? ORDER BY seq",
+            (content_request_id, attempt),
+        ).fetchall()
+        return [
+            (
+                r["seq"],
+                Output(
+                    node_id=r["node_id"],
+                    index=r["idx"],
+                    key=r["key"],
+                    content_type=r["content_type"],
+                    bytes=r["bytes"],
+                    width=r["width"],
+                    height=r["height"],
+                    url=r["url"],
+                    path=r["path"],
+                ),
+            )
+            for r in rows
+        ]
+
+    # -- outbox -------------------------------------------------------------------------
+
+    def due_events(self, instance: str, now: float, limit: int) -> list[OutboxEvent]:
+        rows = self._db.execute(
+            "SELECT * FROM outbox WHERE instance = ? AND state = 'pending'"
+            " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+            (instance, now, limit),
+        ).fetchall()
+        return [self._event(r) for r in rows]
+
+    def next_due_at(self, instance: str) -> float | None:
+        row = self._db.execute(
+            "SELECT min(next_attempt_at) FROM outbox WHERE instance = ? AND state = 'pending'",
+            (instance,),
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def event_still_current(self, event_id: str) -> bool:
+        """False once a newer attempt of the same id exists: its events supersede this one."""
+        row = self._db.execute(
+            "SELECT o.state, (SELECT max(attempt) FROM jobs j"
+            "  WHERE j.content_request_id = o.content_request_id) AS newest, o.attempt"
+            " FROM outbox o WHERE event_id = ?",
+            (event_id,),
+        ).fetchone()
+        return bool(row) and row["state"] == "pending" and row["newest"] == row["attempt"]
+
+    def record_delivery(
+        self,
+        event_id: str,
+        state: str,
+        attempts: int,
+        now: float,
+        next_attempt_at: float | None = None,
+        last_error: str | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, updated_at = ?,"
+                " next_attempt_at = COALESCE(?, next_attempt_at) WHERE event_id = ?",
+                (state, attempts, last_error, now, next_attempt_at, event_id),
+            )
+
+    def drop_event(self, event_id: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET state = 'dropped', updated_at = ? WHERE event_id = ?",
+                (now, event_id),
+            )
+
+    def callback_summary(self, content_request_id: str, attempt: int) -> CallbackSummary | None:
+        row = self._db.execute(
+            "SELECT state, attempts, last_error FROM outbox"
+            " WHERE content_request_id = ? AND attempt = ?",
+            (content_request_id, attempt),
+        ).fetchone()
+        if row is None:
+            return None
+        return CallbackSummary(row["state"], row["attempts"], row["last_error"])
+
+    def outbox_counts(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    # -- rows to records ----------------------------------------------------------------
+
+    def _job(self, row: sqlite3.Row) -> Job:
+        job = Job(
+            content_request_id=row["content_request_id"],
+            attempt=row["attempt"],
+            prompt_id=row["prompt_id"],
+            instance=row["instance"],
+            workflow=row["workflow"],
+            fingerprint=row["fingerprint"],
+            state=JobState(row["state"]),
+            runs=row["runs"],
+            error_type=ErrorType(row["error_type"]) if row["error_type"] else None,
+            error_message=row["error_message"],
+            node_id=row["node_id"],
+            image_urls=json.loads(row["image_urls"]),
+            expected_images=row["expected_images"],
+            cancel_requested=bool(row["cancel_requested"]),
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            executed_at=row["executed_at"],
+            finished_at=row["finished_at"],
+        )
+        return job
+
+    @staticmethod
+    def _event(row: sqlite3.Row) -> OutboxEvent:
+        return OutboxEvent(
+            event_id=row["event_id"],
+            content_request_id=row["content_request_id"],
+            attempt=row["attempt"],
+            body=row["body"].encode(),
+            attempts=row["attempts"],
+            created_at=row["created_at"],
+        )
+
+
+T = TypeVar("T")
+
+
+class JournalThread:
+    """Runs journal calls on one dedicated thread so the event loop never waits on disk.
+
+    The journal is opened lazily on that thread by its first call, so building a
+    courier does no I/O; one thread also means one connection and a natural order of
+    writes. Call as `await db(Journal.method, *args)`.
+    """
+
+    def __init__(self, opener: Callable[[], Journal]) -> None:
+        self._opener = opener
+        self._journal: Journal | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="courier-journal")
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        if self._journal is None:
+            self._journal = self._opener()
+        return fn(self._journal, *args, **kwargs)
+
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run, fn, args, kwargs)
+
+    def close(self) -> None:
+        """Close the journal on its own thread, then stop the thread."""
+        if self._journal is not None:
+            self._pool.submit(self._journal.close).result()
+            self._journal = None
+        self._pool.shutdown(wait=True)

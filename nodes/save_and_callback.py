@@ -1,0 +1,117 @@
+"""SaveAndCallback: save images like SaveImage, and hand them to the courier for delivery.
+
+The node runs on ComfyUI's worker thread, which must never wait on the network: it
+encodes, writes the files (the UI preview and crash recovery need them on disk), passes
+the bytes to the server loop without waiting, and returns its UI dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pathlib import Path
+from typing import Any
+
+from ..executor.images import FORMATS, encode, to_uint8_batch
+from ..wiring import current_runtime
+
+log = logging.getLogger(__name__)
+
+
+class SaveAndCallback:
+    CATEGORY = "courier"
+    DESCRIPTION = (
+        "Saves images to the output folder and delivers them to storage; for jobs sent to "
+        "/execute-workflow, the backend gets one callback with the URLs when the prompt ends."
+    )
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The images to save and deliver."}),
+            },
+            "optional": {
+                "filename_prefix": ("STRING", {
+                    "default": "courier",
+                    "tooltip": "Prefix of the files in ComfyUI's output folder; may contain a "
+                               "subfolder and %date:yyyy-MM-dd% like SaveImage.",
+                }),
+                "format": (list(FORMATS), {
+                    "default": "png",
+                    "tooltip": "png is lossless; webp and jpeg are far smaller for social media.",
+                }),
+                "quality": ("INT", {
+                    "default": 90, "min": 1, "max": 100, "step": 1,
+                    "tooltip": "Quality for webp and jpeg (ignored for png).",
+                }),
+                "content_request_id": ("STRING", {
+                    "default": "",
+                    "tooltip": "Filled in by /execute-workflow. Leave empty when running from "
+                               "the UI: images then go to storage under ui/<prompt_id>/ and no "
+                               "callback is sent.",
+                }),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs: Any) -> float:
+        # NaN never equals itself, so ComfyUI never serves this node from its cache:
+        # every job must save, upload and report.
+        return float("nan")
+
+    def save(
+        self,
+        images: Any,
+        filename_prefix: str = "courier",
+        format: str = "png",
+        quality: int = 90,
+        content_request_id: str = "",
+    ) -> dict[str, Any]:
+        runtime = current_runtime()
+        if runtime is None:
+            raise RuntimeError("comfy-courier is not running in this ComfyUI; see its log")
+        adapter = runtime.adapter
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+        frames = to_uint8_batch(images)
+        height, width = frames[0].shape[:2]
+        folder, filename, counter, subfolder, _ = adapter.save_path(filename_prefix, width, height)
+        context = adapter.executing()
+        prompt_id, node_id = context if context else ("", "")
+        text = self._metadata(runtime, prompt_id)
+
+        saved = []
+        ui_images = []
+        for batch_number, pixels in enumerate(frames):
+            image = encode(pixels, format, quality, text)
+            name = filename.replace("%batch_num%", str(batch_number))
+            file = f"{name}_{counter:05}_.{image.extension}"
+            path = Path(folder) / file
+            with open(path, "wb") as handle:
+                handle.write(image.data)
+            saved.append((image, path))
+            ui_images.append({"filename": file, "subfolder": subfolder, "type": "output"})
+            counter += 1
+
+        courier = runtime.courier
+        if courier is not None and prompt_id:
+            runtime.loop.call_soon_threadsafe(
+                courier.images_saved, prompt_id, node_id, content_request_id, saved
+            )
+        return {"ui": {"images": ui_images}}
+
+    @staticmethod
+    def _metadata(runtime: Any, prompt_id: str) -> dict[str, str] | None:
+        """Only with COURIER_KEEP_METADATA=1: the prompt, as SaveImage would write it."""
+        if not runtime.settings.keep_metadata or not prompt_id:
+            return None
+        prompt = runtime.adapter.running_prompt(prompt_id)
+        return {"prompt": json.dumps(prompt)} if prompt is not None else None
+
+
+

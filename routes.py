@@ -1,0 +1,144 @@
+"""HTTP routes of comfy-courier, added to ComfyUI's route table (ComfyUI adds the /api alias).
+
+`add_routes(routes, get_courier, settings)` takes any aiohttp RouteTableDef, so tests
+mount the same handlers on a plain application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .executor.courier import Courier
+from .executor.errors import (
+    CourierError,
+    NotConfigured,
+    PayloadTooLarge,
+    QueueFull,
+    Unauthorized,
+    Unavailable,
+)
+from .executor.intake import check_id, parse_request
+from .executor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: CourierError) -> web.Response:
+    """The one mapping from courier errors to HTTP answers."""
+    headers = {}
+    if isinstance(error, QueueFull):
+        headers["Retry-After"] = str(error.retry_after)
+    return web.json_response(error.body(), status=error.status, headers=headers)
+
+
+def key_matches(given: str | None, accepted: tuple[str, ...]) -> bool:
+    """Constant-time check against every accepted key (rotation keeps several valid)."""
+    if not given:
+        return False
+    given_bytes = given.encode()
+    matched = False
+    for key in accepted:
+        matched |= hmac.compare_digest(given_bytes, key.encode())
+    return matched
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, refusing anything over `limit` before it is all read or parsed."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body is larger than the {limit} byte limit (COURIER_MAX_BODY_MB)")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(65536)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"body is larger than the {limit} byte limit (COURIER_MAX_BODY_MB)"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def add_routes(
+    routes: web.RouteTableDef, get_courier: Callable[[], Courier | None], settings: Settings
+) -> None:
+    def guarded(handler: Callable[[web.Request, Courier], Awaitable[web.StreamResponse]]) -> Handler:
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            try:
+                if not settings.api_keys:
+                    raise NotConfigured(
+                        "comfy-courier has no inbound key configured (COURIER_API_KEY); "
+                        "refusing all jobs until one is set"
+                    )
+                if not key_matches(request.headers.get("X-API-Key"), settings.api_keys):
+                    raise Unauthorized("missing or invalid X-API-Key")
+                courier = get_courier()
+                if courier is None:
+                    raise Unavailable("comfy-courier failed to start; see the ComfyUI log")
+                return await handler(request, courier)
+            except CourierError as e:
+                return error_response(e)
+            except Exception:
+                log.exception("[courier] %s %s failed", request.method, request.path)
+                return web.json_response(
+                    {"error": {"type": "internal_error", "message": "internal error; see the "
+                               "ComfyUI log"}, "node_errors": {}},
+                    status=500,
+                )
+
+        return wrapper
+
+    async def until_ready(courier: Courier) -> None:
+        try:
+            await asyncio.wait_for(courier.ready.wait(), READY_TIMEOUT)
+        except asyncio.TimeoutError as e:
+            raise Unavailable("comfy-courier is still starting; try again shortly") from e
+
+    @routes.post("/execute-workflow")
+    @guarded
+    async def execute_workflow(request: web.Request, courier: Courier) -> web.StreamResponse:
+        raw = await read_limited(request, settings.max_body_bytes)
+        job_request = parse_request(raw)
+        await until_ready(courier)
+        status, body = await courier.submit(job_request)
+        return web.json_response(body, status=status)
+
+    @routes.get("/execute-workflow/{content_request_id}")
+    @guarded
+    async def get_status(request: web.Request, courier: Courier) -> web.StreamResponse:
+        cid = _path_id(request)
+        await until_ready(courier)
+        return web.json_response(await courier.status(cid))
+
+    @routes.delete("/execute-workflow/{content_request_id}")
+    @guarded
+    async def cancel(request: web.Request, courier: Courier) -> web.StreamResponse:
+        cid = _path_id(request)
+        await until_ready(courier)
+        return web.json_response(await courier.cancel(cid), status=202)
+
+    @routes.get("/courier/health")
+    async def health(request: web.Request) -> web.StreamResponse:
+        courier = get_courier()
+        body: dict[str, Any]
+        if courier is None:
+            body = {"ok": False, "ready": False, "reason": "comfy-courier failed to start"}
+            return web.json_response(body, status=503)
+        body = await courier.health()
+        body["inbound_key_configured"] = bool(settings.api_keys)
+        return web.json_response(body)
+
+
+def _path_id(request: web.Request) -> str:
+    return check_id(request.match_info["content_request_id"])

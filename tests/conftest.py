@@ -1,0 +1,217 @@
+"""Shared fixtures: real loopback peers (callback receiver, Supabase-Storage server) and a
+courier wired to the ComfyUI stand-in exactly as `wiring.setup()` wires it into ComfyUI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
+
+from comfy_courier import wiring
+from comfy_courier.executor.courier import Courier
+from comfy_courier.executor.delivery import Deliverer
+from comfy_courier.executor.journal import Journal, JournalThread
+from comfy_courier.executor.settings import Settings
+from comfy_courier.routes import add_routes
+from fakes.storage_server import FakeStorage, start_storage_server
+from standin.comfy import StandinComfy
+
+API_KEY = "test-inbound-key-0123456789"
+CALLBACK_KEY = "test-callback-key-abcdefghij"
+SERVICE_KEY = "test-service-role-key-xyz"
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "shared" / "workflows"
+
+
+def model_free(prefix: str = "social") -> dict[str, Any]:
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 16753920}},
+        "2": {"class_type": "SaveAndCallback",
+              "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+# -- callback receiver -----------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    headers: CIMultiDict[str]
+    body: bytes
+
+    @property
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """A callback endpoint on loopback; `script` gives (status, headers, delay) per request."""
+
+    url: str = ""
+    requests: list[Received] = field(default_factory=list)
+    script: list[tuple[int, dict[str, str], float]] = field(default_factory=list)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        status, headers, delay = self.script.pop(0) if self.script else (200, {}, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        self.requests.append(Received(CIMultiDict(request.headers), body))
+        async with self.arrived:
+            self.arrived.notify_all()
+        return web.json_response({"ok": status < 300}, status=status, headers=headers)
+
+    def bodies(self, cid: str | None = None) -> list[dict[str, Any]]:
+        out = [r.json for r in self.requests]
+        return [b for b in out if cid is None or b["content_request_id"] == cid]
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        async with self.arrived:
+            await asyncio.wait_for(
+                self.arrived.wait_for(lambda: len(self.requests) >= count), timeout)
+        return self.requests
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    recv = Receiver()
+    app = web.Application()
+    app.router.add_post("/callback", recv.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    recv.url = str(server.make_url("/callback"))
+    yield recv
+    await server.close()
+
+
+# -- storage ---------------------------------------------------------------------------
+
+
+@dataclass
+class StorageServer:
+    state: FakeStorage
+    url: str
+
+
+@pytest.fixture
+async def storage_server() -> AsyncIterator[StorageServer]:
+    state = FakeStorage(service_key=SERVICE_KEY)
+    state.add_bucket("comfy-outputs", public=True)
+    url, stop = await start_storage_server(state)
+    yield StorageServer(state, url)
+    await stop()
+
+
+# -- the courier in a stand-in ComfyUI -------------------------------------------------
+
+
+@dataclass
+class Harness:
+    comfy: StandinComfy
+    courier: Courier
+    client: TestClient
+    settings: Settings
+    receiver: Receiver | None
+
+    async def post(self, workflow: Any, cid: str, key: str | None = API_KEY,
+                   path: str = "/execute-workflow") -> tuple[int, Any]:
+        headers = {"X-API-Key": key} if key is not None else {}
+        resp = await self.client.post(
+            path, json={"workflow_json": workflow, "content_request_id": cid}, headers=headers)
+        return resp.status, await resp.json()
+
+    async def status(self, cid: str) -> dict[str, Any]:
+        resp = await self.client.get(f"/execute-workflow/{cid}", headers={"X-API-Key": API_KEY})
+        assert resp.status == 200, await resp.text()
+        return dict(await resp.json())
+
+    async def wait_final(self, cid: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = await self.status(cid)
+            if body["state"] in ("success", "error"):
+                return body
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{cid} not final after {timeout} s: {body}")
+
+    async def wait_state(self, cid: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = await self.status(cid)
+            if body["state"] == state:
+                return body
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"{cid} never reached {state}: {body}")
+
+    async def settle(self) -> None:
+        """Let deliveries in flight finish (no sleeps: wait on the work itself)."""
+        if self.courier.deliverer is not None:
+            await self.courier.deliverer.dispatch_due()
+            await self.courier.deliverer.drain()
+
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+
+
+def base_env(receiver: Receiver | None, tmp_path: Path) -> dict[str, str]:
+    env = {"COURIER_API_KEY": API_KEY, "COURIER_DB": str(tmp_path / "journal.sqlite3"),
+           "COURIER_PUBLIC_BASE_URL": "http://courier.test:8188"}
+    if receiver is not None:
+        env.update({"COURIER_CALLBACK_URL": receiver.url, "COURIER_CALLBACK_API_KEY": CALLBACK_KEY})
+    return env
+
+
+@pytest.fixture
+async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[HarnessFactory]:
+    """make_harness(env={...}, version="0.3.64", schedule=(0, 0.05), start=True)."""
+    made: list[Harness] = []
+
+    async def make(env: dict[str, str] | None = None, version: str = "0.3.64",
+                   schedule: tuple[float, ...] = (0, 0.05, 0.1), with_receiver: bool = True,
+                   base: Path | None = None, start_worker: bool = True,
+                   upload_schedule: tuple[float, ...] = (0.01, 0.02)) -> Harness:
+        environ = base_env(receiver if with_receiver else None, tmp_path)
+        environ.update(env or {})
+        settings = Settings.from_env(environ)
+        comfy = StandinComfy(base or tmp_path / "comfy", version=version)
+        adapter = comfy.adapter()
+        loop = asyncio.get_running_loop()
+        db = JournalThread(lambda: Journal(settings.db_path or tmp_path / "journal.sqlite3"))
+        deliverer = None
+        if settings.callback_url:
+            deliverer = Deliverer(db, adapter.instance_name(), settings.callback_url,
+                                  settings.callback_api_key, settings.webhook_secrets,
+                                  schedule=schedule, horizon=settings.retry_horizon,
+                                  timeout=2.0, jitter=0.0)
+        courier = Courier(settings, adapter, db, wiring.build_storage(settings, adapter),
+                          adapter.instance_name(), deliverer, upload_schedule=upload_schedule)
+        wiring._runtime = wiring.Runtime(settings, adapter, courier, loop)
+        add_routes(comfy.routes, lambda: courier, settings)
+        client = TestClient(TestServer(comfy.make_app(), host="127.0.0.1"))
+        await client.start_server()
+        if start_worker:
+            comfy.start(loop)
+        await courier.start()
+        harness = Harness(comfy, courier, client, settings, receiver if with_receiver else None)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.comfy.stop()
+        await harness.courier.stop()
+        await harness.client.close()
+        harness.courier.db.close()
+    wiring._runtime = None

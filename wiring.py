@@ -1,0 +1,100 @@
+"""Wires comfy-courier into a running ComfyUI: settings, adapter, storage, routes, start-up.
+
+`setup()` does no I/O and starts no thread: it registers the routes and schedules
+`Courier.start()` on ComfyUI's server loop, which runs once ComfyUI starts serving.
+It never raises: a missing setting or an unsupported ComfyUI is logged, and ComfyUI
+carries on without the courier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .executor.comfy_adapter import ComfyAdapter
+from .executor.courier import Courier
+from .executor.delivery import Deliverer
+from .executor.errors import UnsupportedComfyUI
+from .executor.journal import Journal, JournalThread
+from .executor.settings import Settings
+from .executor.storage import Storage
+from .executor.storage.local import LocalStorage
+
+log = logging.getLogger("comfy_courier")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    adapter: ComfyAdapter
+    courier: Courier
+    loop: asyncio.AbstractEventLoop
+
+
+_runtime: Runtime | None = None
+
+
+def current_runtime() -> Runtime | None:
+    return _runtime
+
+
+def build_storage(settings: Settings, adapter: Any) -> Storage:
+    if settings.storage == "supabase" and settings.supabase_url and settings.supabase_key:
+        from .executor.storage.supabase_storage import SupabaseStorage
+
+        return SupabaseStorage(settings.supabase_url, settings.supabase_key, settings.bucket,
+                               settings.url_mode, settings.signed_url_ttl)
+    base = settings.public_base_url
+    return LocalStorage(adapter.output_directory(), lambda: base or adapter.base_url())
+
+
+def build_courier(settings: Settings, adapter: Any, loop: asyncio.AbstractEventLoop) -> Courier:
+    """Everything the courier needs, from settings; shared by ComfyUI start-up and tests."""
+    path = settings.db_path or adapter.user_directory() / "courier" / "courier.sqlite3"
+    db = JournalThread(lambda: Journal(path))
+    instance = adapter.instance_name()
+    deliverer = None
+    if settings.callback_url:
+        deliverer = Deliverer(db, instance, settings.callback_url, settings.callback_api_key,
+                              settings.webhook_secrets, horizon=settings.retry_horizon)
+    return Courier(settings, adapter, db, build_storage(settings, adapter), instance, deliverer)
+
+
+def setup() -> None:
+    global _runtime
+    try:
+        settings = Settings.from_env(os.environ)
+        for problem in settings.problems:
+            log.warning("[courier] config: %s", problem)
+        adapter = ComfyAdapter.from_comfyui()
+        if (settings.storage == "local" and not settings.public_base_url
+                and adapter.listens_beyond_loopback()):
+            log.warning("[courier] config: ComfyUI listens beyond loopback; set "
+                        "COURIER_PUBLIC_BASE_URL so local-storage URLs point somewhere "
+                        "clients can reach (using %s meanwhile)", adapter.base_url())
+        loop = adapter.loop
+        courier = build_courier(settings, adapter, loop)
+        _runtime = Runtime(settings, adapter, courier, loop)
+        from .routes import add_routes
+
+        add_routes(adapter.routes, lambda: _runtime.courier if _runtime else None, settings)
+        loop.call_soon(_start, courier)
+        log.info("[courier] comfy-courier loaded (ComfyUI %s, storage %s, instance %s)",
+                 adapter.version or "unknown", courier.storage.kind, courier.instance)
+    except UnsupportedComfyUI as e:
+        log.error("[courier] disabled: %s", e)
+    except Exception:
+        log.exception("[courier] disabled: set-up failed")
+
+
+def _start(courier: Courier) -> None:
+    task = asyncio.ensure_future(courier.start())
+
+    def report(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("[courier] start-up failed", exc_info=done.exception())
+
+    task.add_done_callback(report)
