@@ -265,8 +265,11 @@ async def test_sync_client_works_too(state: FakeStorage, base_url: str) -> None:
     def run() -> bytes:
         client = create_client(base_url, KEY)
         bucket = client.storage.from_("outputs")
-        bucket.upload("sync.png", PNG, IMAGE)
-        assert bucket.get_public_url("sync.png").endswith("/object/public/outputs/sync.png")
-        return bucket.download("sync.png")
+        try:
+            bucket.upload("sync.png", PNG, IMAGE)
+            assert bucket.get_public_url("sync.png").endswith("/object/public/outputs/sync.png")
+            return bucket.download("sync.png")
+        finally:
+            client.storage.session.close()
 
     assert await asyncio.to_thread(run) == PNG

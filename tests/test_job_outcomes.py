@@ -1,0 +1,276 @@
+"""Every accepted job ends in exactly one final callback: the outcomes, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from conftest import API_KEY, SERVICE_KEY, WEBHOOK_SECRET, model_free
+from standin.comfy import png_bytes_text
+
+CONTRACT_KEYS = ["content_request_id", "status", "image_url", "error_message"]
+
+
+def with_node(workflow: dict, node_id: str, class_type: str, **inputs) -> dict:
+    workflow = dict(workflow)
+    workflow[node_id] = {"class_type": class_type, "inputs": inputs}
+    return workflow
+
+
+def slow_workflow(seconds: float, blocking: bool = False) -> dict:
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8}},
+        "5": {"class_type": "BlockingNode" if blocking else "SlowNode",
+              "inputs": {"images": ["1", 0], "seconds": seconds}},
+        "2": {"class_type": "SaveAndCallback", "inputs": {"images": ["5", 0]}},
+    }
+
+
+async def final_callbacks(h, cid: str, count: int = 1) -> list[dict]:
+    await h.receiver.wait_for(count)
+    await h.settle()
+    return h.receiver.bodies(cid)
+
+
+@pytest.mark.parametrize("version", ["0.3.64", "0.33.0"])
+async def test_success_callback_shape_on_both_queue_shapes(make_harness, tmp_path, version):
+    h = await make_harness(version=version)
+    status, accepted = await h.post(model_free(), "ok1")
+    assert status == 202
+    [body] = await final_callbacks(h, "ok1")
+    assert list(body)[:4] == CONTRACT_KEYS
+    assert body["status"] == "success" and body["error_message"] is None
+    assert body["image_urls"] == [body["image_url"]]
+    assert body["attempt"] == 1 and body["prompt_id"] == accepted["prompt_id"]
+    assert body["outputs"][0]["width"] == 64 and body["outputs"][0]["height"] == 48
+    stored = tmp_path / "comfy" / "output" / "courier" / "ok1" / "1-1.png"
+    assert stored.exists()
+    assert png_bytes_text(stored.read_bytes()) == {}
+    assert h.comfy.worker_alive, "the queue item shape must not kill ComfyUI's worker"
+    history = h.comfy.prompt_queue.get_history(accepted["prompt_id"])[accepted["prompt_id"]]
+    assert history["prompt"][3]["client_id"] == "comfy-courier"
+    assert len(history["prompt"]) == 5  # 0.33 strips `sensitive` through process_item
+
+
+async def test_execution_error_is_one_error_callback_with_node(make_harness):
+    h = await make_harness()
+    workflow = with_node(model_free(), "3", "FailingNode", message="the GPU caught fire")
+    workflow["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}}
+    status, _ = await h.post(workflow, "err1")
+    assert status == 202
+    [body] = await final_callbacks(h, "err1")
+    assert body["status"] == "error" and body["image_url"] is None
+    assert body["error_type"] == "execution" and body["node_id"] == "3"
+    assert "the GPU caught fire" in body["error_message"]
+    assert (await h.status("err1"))["state"] == "error"
+
+
+async def test_saveimage_workflow_delivers_stripped_images(make_harness, storage_server):
+    h = await make_harness(env={"SUPABASE_URL": storage_server.url,
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 2}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "s"}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    await h.post(workflow, "plain1")
+    [body] = await final_callbacks(h, "plain1")
+    assert body["status"] == "success", body
+    assert len(body["image_urls"]) == 2  # the batch; never the temp preview
+    async with httpx.AsyncClient() as client:
+        for url in body["image_urls"]:
+            resp = await client.get(url)
+            assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+            assert png_bytes_text(resp.content) == {}, "workflow metadata leaked"
+    on_disk = next((h.comfy.folder_paths.output_directory and
+                    Path(h.comfy.folder_paths.output_directory)).glob("s_*.png"))
+    assert "prompt" in png_bytes_text(on_disk.read_bytes())  # SaveImage's own file keeps it
+
+
+async def test_supabase_upload_is_upserted_and_url_downloads(make_harness, storage_server):
+    h = await make_harness(env={"SUPABASE_URL": storage_server.url,
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+    storage_server.state.fail_next(1, status=503)
+    await h.post(model_free(), "sb1")
+    [body] = await final_callbacks(h, "sb1")
+    assert body["status"] == "success", body
+    assert body["image_url"].endswith("/storage/v1/object/public/comfy-outputs/sb1/1-1.png")
+    uploads = storage_server.state.uploads
+    assert len(uploads) == 2 and all(u.upsert for u in uploads)
+    async with httpx.AsyncClient() as client:
+        resp = await client.get(body["image_url"])
+    assert resp.status_code == 200 and resp.content[:4] == b"\x89PNG"
+
+
+async def test_signed_urls(make_harness, storage_server):
+    storage_server.state.buckets["comfy-outputs"].public = False
+    h = await make_harness(env={"SUPABASE_URL": storage_server.url,
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+                                "COURIER_URL_MODE": "signed"})
+    await h.post(model_free(), "sig1")
+    [body] = await final_callbacks(h, "sig1")
+    assert "token=" in body["image_url"]
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(body["image_url"])).status_code == 200
+
+
+async def test_upload_that_keeps_failing_ends_in_error_not_success(make_harness, storage_server):
+    h = await make_harness(env={"SUPABASE_URL": storage_server.url,
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+    storage_server.state.fail_next(10, status=503)
+    await h.post(model_free(), "up1")
+    [body] = await final_callbacks(h, "up1")
+    assert body["status"] == "error" and body["error_type"] == "upload"
+    assert body["image_url"] is None and body["image_urls"] == []
+    assert storage_server.state.upload_count == 3  # first try + the two retries of the schedule
+
+
+async def test_permanent_storage_error_is_not_retried(make_harness, storage_server):
+    h = await make_harness(env={"SUPABASE_URL": storage_server.url,
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+                                "COURIER_BUCKET": "missing-bucket"})
+    await h.post(model_free(), "up2")
+    [body] = await final_callbacks(h, "up2")
+    assert body["error_type"] == "upload" and "404" in body["error_message"]
+    assert storage_server.state.upload_count == 1
+
+
+async def test_cancel_queued_job(make_harness):
+    h = await make_harness(start_worker=False)
+    await h.post(model_free(), "cq1")
+    resp = await h.client.delete("/execute-workflow/cq1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 202
+    body = await resp.json()
+    assert body["state"] == "error" and "cancel" in body["error_message"]
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 0
+    [cb] = await final_callbacks(h, "cq1")
+    assert cb["error_type"] == "cancelled"
+    resp = await h.client.delete("/execute-workflow/cq1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 409
+
+
+async def test_cancel_running_job_interrupts_it(make_harness):
+    h = await make_harness()
+    await h.post(slow_workflow(5), "cr1")
+    await h.wait_state("cr1", "running")
+    resp = await h.client.delete("/execute-workflow/cr1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 202
+    [cb] = await final_callbacks(h, "cr1")
+    assert cb["status"] == "error" and cb["error_type"] == "cancelled"
+
+
+async def test_interrupt_from_the_ui_is_reported(make_harness):
+    h = await make_harness()
+    await h.post(slow_workflow(5), "int1")
+    await h.wait_state("int1", "running")
+    h.comfy.interrupt_processing(True)  # what ComfyUI's /interrupt does
+    [cb] = await final_callbacks(h, "int1")
+    assert cb["error_type"] == "interrupted"
+
+
+async def test_job_deleted_from_comfy_queue_gets_cancelled_callback(make_harness):
+    h = await make_harness(start_worker=False)
+    _, body = await h.post(model_free(), "del1")
+    h.comfy.prompt_queue.delete_queue_item(lambda item: item[1] == body["prompt_id"])
+    [cb] = await final_callbacks(h, "del1")
+    assert cb["error_type"] == "cancelled" and "removed from ComfyUI's queue" in cb["error_message"]
+
+
+async def test_queue_wiped_from_outside(make_harness):
+    h = await make_harness(start_worker=False)
+    for cid in ("w1", "w2"):
+        await h.post(model_free(), cid)
+    h.comfy.prompt_queue.wipe_queue()
+    await h.receiver.wait_for(2)
+    await h.settle()
+    assert sorted(b["content_request_id"] for b in h.receiver.bodies()) == ["w1", "w2"]
+
+
+async def test_timeout_interrupts_and_reports_even_if_node_is_stuck(make_harness):
+    h = await make_harness(env={"COURIER_JOB_TIMEOUT": "1"})
+    await h.post(slow_workflow(3, blocking=True), "to1")
+    [cb] = await final_callbacks(h, "to1")
+    assert cb["error_type"] == "timeout"
+    await asyncio.sleep(2.5)  # the stuck node finally returns: still one callback
+    await h.settle()
+    assert len(h.receiver.bodies("to1")) == 1
+
+
+async def test_new_attempt_after_error(make_harness):
+    h = await make_harness()
+    failing = with_node(model_free(), "3", "FailingNode")
+    failing["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}}
+    await h.post(failing, "re1")
+    await h.wait_final("re1")
+    status, body = await h.post(model_free(), "re1")
+    assert status == 202 and body["attempt"] == 2
+    final = await h.wait_final("re1")
+    assert final["state"] == "success" and final["attempt"] == 2
+    await h.receiver.wait_for(2)
+    await h.settle()
+    bodies = h.receiver.bodies("re1")
+    assert [(b["attempt"], b["status"]) for b in bodies] == [(1, "error"), (2, "success")]
+    assert bodies[1]["image_url"].endswith("re1%2F2-1.png") or "2-1.png" in bodies[1]["image_url"]
+
+
+async def test_ui_run_uploads_under_ui_and_sends_no_callback(make_harness, storage_server):
+    h = await make_harness(env={"SUPABASE_URL": storage_server.url,
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+    # what ComfyUI's own /prompt does for a person in the UI: no courier job behind it
+    h.comfy.prompt_queue.put((99, "ui-prompt-1", model_free(), {"client_id": "browser"},
+                              ["2"]))
+    for _ in range(200):
+        if storage_server.state.upload_count:
+            break
+        await asyncio.sleep(0.01)
+    assert storage_server.state.get("comfy-outputs", "ui/ui-prompt-1/2-1.png") is not None
+    await h.settle()
+    assert h.receiver.requests == []
+
+
+async def test_signed_callbacks_verify_with_standardwebhooks(make_harness):
+    h = await make_harness(env={"COURIER_WEBHOOK_SECRET": WEBHOOK_SECRET})
+    await h.post(model_free(), "wh1")
+    await h.receiver.wait_for(1)
+    [request] = h.receiver.requests
+    payload = Webhook(WEBHOOK_SECRET).verify(request.body, dict(request.headers))
+    assert payload["content_request_id"] == "wh1"
+    assert request.headers["webhook-id"].startswith("msg_")
+
+
+async def test_callback_retries_until_receiver_recovers(make_harness):
+    h = await make_harness()
+    h.receiver.script = [(503, {}, 0.0), (500, {}, 0.0)]
+    await h.post(model_free(), "rt1")
+    await h.receiver.wait_for(3)
+    await h.settle()
+    ids = {r.headers["webhook-id"] for r in h.receiver.requests}
+    assert len(ids) == 1, "one event, retried under the same webhook-id"
+    assert (await h.status("rt1"))["callback"] == {"state": "delivered", "attempts": 3,
+                                                    "last_error": None}
+
+
+async def test_receiver_410_dead_letters_after_one_try(make_harness):
+    h = await make_harness()
+    h.receiver.script = [(410, {}, 0.0)]
+    await h.post(model_free(), "dl1")
+    await h.receiver.wait_for(1)
+    await h.settle()
+    callback = (await h.status("dl1"))["callback"]
+    assert callback["state"] == "dead" and callback["attempts"] == 1
+    assert "410" in callback["last_error"]
+    await asyncio.sleep(0.2)
+    await h.settle()
+    assert len(h.receiver.requests) == 1
+
+
+async def test_without_callback_url_jobs_still_run_for_polling(make_harness):
+    h = await make_harness(with_receiver=False)
+    await h.post(model_free(), "poll1")
+    final = await h.wait_final("poll1")
+    assert final["state"] == "success" and final["image_url"]
+    assert final["callback"]["state"] == "none"
