@@ -181,11 +181,11 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
     async def make(env: dict[str, str] | None = None, version: str = "0.3.64",
                    schedule: tuple[float, ...] = (0, 0.05, 0.1), with_receiver: bool = True,
                    base: Path | None = None, start_worker: bool = True,
-                   upload_schedule: tuple[float, ...] = (0.01, 0.02)) -> Harness:
+                   upload_schedule: tuple[float, ...] = (0.01, 0.02), port: int = 8188) -> Harness:
         environ = base_env(receiver if with_receiver else None, tmp_path)
         environ.update(env or {})
         settings = Settings.from_env(environ)
-        comfy = StandinComfy(base or tmp_path / "comfy", version=version)
+        comfy = StandinComfy(base or tmp_path / "comfy", version=version, port=port)
         adapter = comfy.adapter()
         loop = asyncio.get_running_loop()
         db = JournalThread(lambda: Journal(settings.db_path or tmp_path / "journal.sqlite3"))

@@ -27,14 +27,15 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from storage3.exceptions import StorageApiError
+from storage3.types import FileOptions
 from supabase import AsyncClient, AsyncClientOptions, acreate_client, create_client
 
 from fakes.storage_server import FakeStorage, running_storage_server, start_storage_server
 
 KEY = "test-service-role-key"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
-IMAGE = {"content-type": "image/png"}
-IMAGE_UPSERT = {"content-type": "image/png", "upsert": "true"}
+IMAGE: FileOptions = {"content-type": "image/png"}
+IMAGE_UPSERT: FileOptions = {"content-type": "image/png", "upsert": "true"}
 
 # supabase itself passes storage3's deprecated timeout/verify arguments; not our concern here.
 pytestmark = pytest.mark.filterwarnings(

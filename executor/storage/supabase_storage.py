@@ -40,7 +40,10 @@ class SupabaseStorage:
             if self._client is None:
                 from supabase import AsyncClientOptions, acreate_client
 
-                options = AsyncClientOptions(storage_client_timeout=int(self._timeout))
+                # Our own httpx client: its timeout bounds every upload, and the client's
+                # deprecated timeout/verify arguments stay unused.
+                http = httpx.AsyncClient(timeout=self._timeout, follow_redirects=True)
+                options = AsyncClientOptions(httpx_client=http)
                 self._client = await acreate_client(self._url, self._key, options=options)
         return self._client.storage.from_(self._bucket)
 

@@ -144,14 +144,16 @@ class FakeStorage:
     requests: list[tuple[str, str]] = field(default_factory=list)
     #: Seconds to sleep (asynchronously) before answering each upload.
     delay_uploads: float = 0.0
-    #: Hold upload requests unanswered until :meth:`release` or server stop: a client timeout.
+    #: Hold uploads unanswered until :meth:`release` or server stop, so the client times out.
+    #: Released uploads are then processed normally: the object may land although the client
+    #: saw a timeout (as with real Storage), which is why retries must upsert.
     hang_uploads: bool = False
     #: Clock used for signed-URL expiry; replace to test expiry without sleeping.
     clock: Callable[[], float] = time.time
     signing_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _fail: list[tuple[int, str | dict[str, Any] | None]] = field(default_factory=list)
     _drop: int = 0
-    _released: asyncio.Event | None = None
+    _released: asyncio.Event | None = field(default=None, repr=False)
 
     # -- setup and inspection -------------------------------------------------------------------
     def add_bucket(self, bucket_id: str, *, public: bool = False,
@@ -166,6 +168,7 @@ class FakeStorage:
 
     @property
     def upload_count(self) -> int:
+        """Upload requests received, faulted ones included (``len(objects)`` counts stored)."""
         return len(self.uploads)
 
     # -- fault injection -------------------------------------------------------------------------
@@ -358,22 +361,6 @@ def make_storage_app(state: FakeStorage) -> web.Application:
         return web.json_response(
             {"signedURL": f"/object/sign/{bucket}/{quote(path)}?token={token}"})
 
-    async def sign_many(request: web.Request) -> web.StreamResponse:
-        check_auth(request)
-        bucket = request.match_info["bucket"]
-        bucket_of(bucket)
-        body = await request.json()
-        items = []
-        for path in body["paths"]:
-            if state.get(bucket, path) is None:
-                items.append({"error": "Either the object does not exist or you do not have "
-                                       "access to it", "path": path, "signedURL": None})
-                continue
-            token = state.sign(bucket, path, int(body["expiresIn"]))
-            url = f"/object/sign/{bucket}/{quote(path)}?token={token}"
-            items.append({"error": None, "path": path, "signedURL": url})
-        return web.json_response(items)
-
     async def signed_get(request: web.Request) -> web.StreamResponse:
         bucket, path = request.match_info["bucket"], request.match_info["path"]
         state.verify(request.query.get("token", ""), bucket, path)
@@ -418,7 +405,6 @@ def make_storage_app(state: FakeStorage) -> web.Application:
     # would otherwise swallow /object/sign/..., /object/public/... and /object/info/....
     r.add_get(v1 + "/object/public/{bucket}/{path:.+}", public_get)
     r.add_post(v1 + "/object/sign/{bucket}/{path:.+}", sign)
-    r.add_post(v1 + "/object/sign/{bucket}", sign_many)
     r.add_get(v1 + "/object/sign/{bucket}/{path:.+}", signed_get)
     r.add_get(v1 + "/object/info/{bucket}/{path:.+}", info)
     r.add_post(v1 + "/object/{bucket}/{path:.+}", upload)
@@ -440,7 +426,7 @@ async def start_storage_server(
     Returns ``(base_url, stop)``; pass ``base_url`` as the Supabase URL. ``stop`` releases any
     hanging uploads first so shutdown does not wait for them.
     """
-    runner = web.AppRunner(make_storage_app(state), shutdown_timeout=1.0)
+    runner = web.AppRunner(make_storage_app(state), shutdown_timeout=1.0, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
     await site.start()

@@ -1,0 +1,68 @@
+"""The adapter's version detection, against both stand-in flavours."""
+
+import pytest
+
+from standin.comfy import StandinComfy
+
+
+@pytest.mark.parametrize("version, length", [("0.3.64", 5), ("0.33.0", 6)])
+def test_queue_item_length_is_detected(tmp_path, version, length):
+    adapter = StandinComfy(tmp_path, version=version).adapter()
+    assert adapter.queue_item_length == length
+
+
+def test_enqueue_numbers_items_like_prompt(tmp_path):
+    comfy = StandinComfy(tmp_path)
+    adapter = comfy.adapter()
+    comfy.number = 7
+    adapter.enqueue("p1", {}, {"client_id": "comfy-courier"}, ["2"])
+    adapter.enqueue("p2", {}, {"client_id": "comfy-courier"}, ["2"])
+    assert [item[0] for item in comfy.prompt_queue.queue] == [7, 8] and comfy.number == 9
+    assert adapter.queue_snapshot().pending == ["p1", "p2"]
+    assert adapter.remove_pending("p1") and not adapter.remove_pending("p1")
+
+
+async def test_validate_arity_two_and_exceptions(tmp_path):
+    comfy = StandinComfy(tmp_path)
+
+    async def validate_prompt(prompt_id, prompt):
+        raise TypeError("node is not a dict")
+
+    comfy.execution.validate_prompt = validate_prompt
+    result = await comfy.adapter().validate("p", {"1": {}})
+    assert not result.ok and result.error["type"] == "invalid_prompt"
+
+
+def test_sync_validate_prompt_is_refused(tmp_path):
+    from comfy_courier.executor.errors import UnsupportedComfyUI
+
+    comfy = StandinComfy(tmp_path)
+    comfy.execution.validate_prompt = lambda prompt: (True, None, [], {})
+    with pytest.raises(UnsupportedComfyUI):
+        comfy.adapter()
+
+
+def test_on_prompt_handlers_run_and_are_guarded(tmp_path):
+    comfy = StandinComfy(tmp_path)
+    adapter = comfy.adapter()
+
+    def rewrite(json_data):
+        json_data["prompt"]["1"]["inputs"]["text"] = "rewritten"
+        return json_data
+
+    def broken(json_data):
+        raise RuntimeError("bad handler")
+
+    comfy.add_on_prompt_handler(rewrite)
+    comfy.add_on_prompt_handler(broken)
+    prompt = adapter.apply_on_prompt_handlers({"1": {"class_type": "X", "inputs": {"text": "a"}}})
+    assert prompt["1"]["inputs"]["text"] == "rewritten"
+
+
+def test_base_url(tmp_path):
+    from comfy_courier.executor.comfy_adapter import ComfyAdapter
+
+    comfy = StandinComfy(tmp_path)
+    a = ComfyAdapter(comfy, comfy.execution, comfy.folder_paths, lambda: None, lambda v: None,
+                     listen="0.0.0.0", port=8190)
+    assert a.base_url() == "http://127.0.0.1:8190" and a.listens_beyond_loopback()

@@ -1,0 +1,75 @@
+import pytest
+
+from comfy_courier.executor.jobs import ErrorType, Job, JobState
+from comfy_courier.executor.journal import DuplicateAttempt, Journal, OutboxEvent
+
+
+def make_job(cid="j1", attempt=1, prompt_id="p1", instance="host:8188"):
+    return Job(content_request_id=cid, attempt=attempt, prompt_id=prompt_id, instance=instance,
+               workflow="{}", fingerprint="f", created_at=1.0)
+
+
+def event(cid="j1", attempt=1, event_id="msg_1"):
+    return OutboxEvent(event_id, cid, attempt, b'{"x":1}', 0, 2.0)
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path / "j.sqlite3")
+    yield j
+    j.close()
+
+
+def test_wal_and_schema_version(journal):
+    assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_same_attempt_cannot_be_inserted_twice(journal):
+    journal.insert(make_job())
+    with pytest.raises(DuplicateAttempt):
+        journal.insert(make_job(prompt_id="p2"))
+
+
+def test_finish_happens_once_with_its_event(journal):
+    job = make_job()
+    journal.insert(job)
+    job.state, job.finished_at = JobState.SUCCESS, 3.0
+    assert journal.finish(job, event()) is True
+    job.state, job.error_type = JobState.ERROR, ErrorType.TIMEOUT
+    assert journal.finish(job, event(event_id="msg_2")) is False
+    assert journal.latest("j1").state is JobState.SUCCESS
+    assert journal.outbox_counts() == {"pending": 1}
+
+
+def test_new_attempt_drops_undelivered_events_of_older_ones(journal):
+    job = make_job()
+    journal.insert(job)
+    job.state, job.error_type, job.finished_at = JobState.ERROR, ErrorType.EXECUTION, 3.0
+    journal.finish(job, event())
+    journal.insert(make_job(attempt=2, prompt_id="p2"))
+    assert journal.outbox_counts() == {"dropped": 1}
+    assert journal.latest("j1").attempt == 2
+
+
+def test_unfinished_is_per_instance_and_survives_reopen(tmp_path):
+    j = Journal(tmp_path / "x.sqlite3")
+    j.insert(make_job("a", prompt_id="pa"))
+    j.insert(make_job("b", prompt_id="pb", instance="host:8189"))
+    j.close()
+    j = Journal(tmp_path / "x.sqlite3")
+    assert [job.content_request_id for job in j.unfinished("host:8188")] == ["a"]
+    assert j.count_unfinished() == 2
+    j.close()
+
+
+def test_due_events_and_delivery_records(journal):
+    job = make_job()
+    journal.insert(job)
+    job.state, job.finished_at = JobState.SUCCESS, 3.0
+    journal.finish(job, event())
+    assert [e.event_id for e in journal.due_events("host:8188", 5.0, 10)] == ["msg_1"]
+    journal.record_delivery("msg_1", "pending", 1, 5.0, 100.0, "HTTP 503")
+    assert journal.due_events("host:8188", 5.0, 10) == []
+    assert journal.next_due_at("host:8188") == 100.0
+    assert journal.callback_summary("j1", 1).last_error == "HTTP 503"

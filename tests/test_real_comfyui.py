@@ -1,0 +1,203 @@
+"""Opt-in: a real ComfyUI (COMFYUI_DIR) on CPU with this package loaded, driven over HTTP.
+
+Set COMFYUI_DIR to a ComfyUI checkout whose Python has its requirements (COMFYUI_PYTHON, or
+COMFYUI_DIR/.venv/bin/python, or this interpreter). txt2img needs the tiny checkpoint from
+shared/tools/make_tiny_sd15.py in its models/checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import API_KEY, CALLBACK_KEY, WORKFLOWS, Receiver
+from standin.comfy import png_bytes_text
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run against a real ComfyUI"
+)
+
+
+def comfy_python(comfy_dir: Path) -> str:
+    explicit = os.environ.get("COMFYUI_PYTHON")
+    if explicit:
+        return explicit
+    venv = comfy_dir / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RealComfy:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    output: Path
+
+    async def post(self, client: httpx.AsyncClient, workflow: dict, cid: str) -> httpx.Response:
+        return await client.post(f"{self.url}/execute-workflow", headers={"X-API-Key": API_KEY},
+                                 json={"workflow_json": workflow, "content_request_id": cid})
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+def start_comfy(base: Path, receiver_url: str, port: int, extra_env: dict[str, str]) -> RealComfy:
+    comfy_dir = Path(COMFYUI_DIR or "")
+    nodes = base / "nodes" / "custom_nodes"
+    nodes.mkdir(parents=True, exist_ok=True)
+    (nodes / "comfy_courier").symlink_to(REPO, target_is_directory=True)
+    config = base / "extra_model_paths.yaml"
+    config.write_text(f"courier:\n    base_path: {base / 'nodes'}\n    custom_nodes: custom_nodes\n")
+    output = base / "output"
+    env = {
+        **os.environ,
+        "COURIER_API_KEY": API_KEY,
+        "COURIER_CALLBACK_URL": receiver_url,
+        "COURIER_CALLBACK_API_KEY": CALLBACK_KEY,
+        "COURIER_DB": str(base / "courier.sqlite3"),
+        "COURIER_STORAGE": "local",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **extra_env,
+    }
+    for name in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "COURIER_PUBLIC_BASE_URL"):
+        env.pop(name, None)
+    log = base / "comfyui.log"
+    process = subprocess.Popen(
+        [comfy_python(comfy_dir), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--disable-auto-launch", "--extra-model-paths-config", str(config),
+         "--output-directory", str(output)],
+        cwd=comfy_dir, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    return RealComfy(f"http://127.0.0.1:{port}", process, log, output)
+
+
+async def wait_up(comfy: RealComfy, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            if comfy.process.poll() is not None:
+                raise AssertionError(f"ComfyUI exited:\n{comfy.log.read_text()[-3000:]}")
+            try:
+                if (await client.get(f"{comfy.url}/courier/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.25)
+    raise AssertionError(f"ComfyUI did not come up:\n{comfy.log.read_text()[-3000:]}")
+
+
+def stop(comfy: RealComfy, sig: int = signal.SIGTERM) -> None:
+    if comfy.process.poll() is None:
+        comfy.process.send_signal(sig)
+        try:
+            comfy.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            comfy.process.kill()
+            comfy.process.wait()
+
+
+@pytest.fixture
+async def real_comfy(tmp_path: Path, receiver: Receiver) -> AsyncIterator[RealComfy]:
+    comfy = start_comfy(tmp_path, receiver.url, free_port(), {})
+    try:
+        await wait_up(comfy)
+        yield comfy
+    finally:
+        stop(comfy)
+
+
+async def final_state(client: httpx.AsyncClient, comfy: RealComfy, cid: str,
+                      timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = await client.get(f"{comfy.url}/execute-workflow/{cid}",
+                                headers={"X-API-Key": API_KEY})
+        body = resp.json()
+        if body["state"] in ("success", "error"):
+            return dict(body)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{cid} not final: {body}")
+
+
+async def test_model_free_workflow_end_to_end(real_comfy, receiver):
+    async with httpx.AsyncClient(timeout=30) as client:
+        resp = await real_comfy.post(client, load("model-free.json"), "real-model-free")
+        assert resp.status_code == 202, resp.text
+        await receiver.wait_for(1, timeout=120)
+        [callback] = receiver.requests
+        assert callback.headers["X-API-Key"] == CALLBACK_KEY
+        body = callback.json
+        assert list(body)[:4] == ["content_request_id", "status", "image_url", "error_message"]
+        assert body["status"] == "success", body
+        image = await client.get(body["image_url"])
+        assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+        assert png_bytes_text(image.content) == {}
+        # courier jobs never broadcast to browser tabs, and /queue, /history hold no secret
+        history = (await client.get(f"{real_comfy.url}/history/{body['prompt_id']}")).text
+        queue = (await client.get(f"{real_comfy.url}/queue")).text
+        for secret in (API_KEY, CALLBACK_KEY):
+            assert secret not in history and secret not in queue
+        assert '"client_id": "comfy-courier"' in history or "comfy-courier" in history
+
+
+async def test_txt2img_end_to_end(real_comfy, receiver):
+    checkpoint = Path(COMFYUI_DIR or "") / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
+    if not checkpoint.exists():
+        pytest.skip(f"tiny checkpoint missing: run shared/tools/make_tiny_sd15.py ({checkpoint})")
+    async with httpx.AsyncClient(timeout=30) as client:
+        for name, cid in (("txt2img-sd15.json", "real-txt2img"),
+                          ("txt2img-sd15-saveimage.json", "real-saveimage")):
+            resp = await real_comfy.post(client, load(name), cid)
+            assert resp.status_code == 202, resp.text
+        await receiver.wait_for(2, timeout=180)
+        bodies = {b["content_request_id"]: b for b in receiver.bodies()}
+        for cid in ("real-txt2img", "real-saveimage"):
+            assert bodies[cid]["status"] == "success", bodies[cid]
+            image = await client.get(bodies[cid]["image_url"])
+            assert image.status_code == 200
+            assert png_bytes_text(image.content) == {}, "prompt metadata leaked"
+
+
+async def test_runtime_error_gives_exactly_one_error_callback(real_comfy, receiver):
+    async with httpx.AsyncClient(timeout=30) as client:
+        resp = await real_comfy.post(client, load("runtime-error.json"), "real-runtime-error")
+        assert resp.status_code == 202, resp.text
+        final = await final_state(client, real_comfy, "real-runtime-error")
+        assert final["state"] == "error"
+        await receiver.wait_for(1, timeout=60)
+        await asyncio.sleep(1.0)  # anything else would have arrived by now
+        bodies = receiver.bodies("real-runtime-error")
+        assert [b["status"] for b in bodies] == ["error"]
+        assert bodies[0]["error_type"] == "execution" and bodies[0]["node_id"] == "3"
+
+
+async def test_validation_errors_pass_through(real_comfy):
+    workflow = load("model-free.json")
+    workflow["1"]["inputs"]["width"] = "wide"
+    async with httpx.AsyncClient(timeout=30) as client:
+        resp = await real_comfy.post(client, workflow, "real-invalid")
+        assert resp.status_code == 400
+        assert "1" in resp.json()["node_errors"]

@@ -1,0 +1,63 @@
+"""A restarted ComfyUI finishes or resubmits what the previous process left in the journal."""
+
+from __future__ import annotations
+
+from conftest import model_free
+
+
+async def test_queued_job_is_resubmitted_after_a_restart(make_harness, tmp_path):
+    first = await make_harness(start_worker=False)
+    _, accepted = await first.post(model_free(), "rs1")
+    first.comfy.stop()  # ComfyUI dies: its in-memory queue is gone, the journal stays
+
+    second = await make_harness(base=tmp_path / "comfy2")
+    final = await second.wait_final("rs1")
+    assert final["state"] == "success" and final["attempt"] == 1
+    assert final["prompt_id"] != accepted["prompt_id"]
+    await second.receiver.wait_for(1)
+    await second.settle()
+    assert [b["status"] for b in second.receiver.bodies("rs1")] == ["success"]
+
+
+async def test_job_lost_too_often_ends_in_one_error(make_harness, tmp_path):
+    env = {"COURIER_MAX_ATTEMPTS": "1"}
+    first = await make_harness(env=env, start_worker=False)
+    await first.post(model_free(), "lost1")
+    first.comfy.stop()
+
+    second = await make_harness(env=env, base=tmp_path / "comfy2")
+    final = await second.wait_final("lost1")
+    assert final["state"] == "error" and final["error_type"] == "lost"
+    await second.receiver.wait_for(1)
+    await second.settle()
+    [body] = second.receiver.bodies("lost1")
+    assert body["error_type"] == "lost"
+
+
+async def test_undelivered_callback_resumes_after_restart(make_harness, tmp_path):
+    first = await make_harness(schedule=(0, 60))
+    first.receiver.script = [(503, {}, 0.0)]
+    await first.post(model_free(), "ob1")
+    await first.receiver.wait_for(1)
+    await first.settle()
+    assert (await first.status("ob1"))["callback"]["state"] == "pending"
+    await first.courier.stop()
+
+    # The next process finds the pending event; make it due now instead of in 60 s.
+    db = first.courier.db
+    await db(lambda j: j._db.execute("UPDATE outbox SET next_attempt_at = 0"))
+    second = await make_harness(base=tmp_path / "comfy2")
+    await second.receiver.wait_for(2)
+    await second.settle()
+    ids = {r.headers["webhook-id"] for r in second.receiver.requests}
+    assert len(ids) == 1
+    assert (await second.status("ob1"))["callback"]["state"] == "delivered"
+
+
+async def test_another_instance_jobs_are_left_alone(make_harness, tmp_path):
+    first = await make_harness(start_worker=False)
+    await first.post(model_free(), "other1")
+    first.comfy.stop()
+    # a sibling ComfyUI on another port shares the journal: it must not touch this job
+    sibling = await make_harness(base=tmp_path / "comfy2", port=8189)
+    assert (await sibling.status("other1"))["state"] == "queued"
