@@ -26,7 +26,7 @@ from .errors import UnsupportedComfyUI
 
 log = logging.getLogger(__name__)
 
-MIN_VERSION = (0, 3, 44)
+MIN_VERSION = (0, 3, 45)  # async validate_prompt and get_executing_context
 CLIENT_ID = "comfy-courier"
 _WRAPPED = "_courier_wrapped"
 
@@ -111,12 +111,11 @@ class ComfyAdapter:
         )
 
     def _detect_queue_item_length(self) -> int:
-        # ComfyUI 0.33+ moved secrets out of extra_data into a 6th `sensitive` element; the
-        # same change added `process_item` to task_done and SENSITIVE_EXTRA_DATA_KEYS.
+        # ComfyUI 0.3.68 moved secrets out of extra_data into a 6th `sensitive` element; the
+        # same commit added `process_item` to task_done. (SENSITIVE_EXTRA_DATA_KEYS is older,
+        # 0.3.45, so it cannot tell the two shapes apart.)
         params = inspect.signature(self.queue.task_done).parameters
-        if "process_item" in params or hasattr(self._execution, "SENSITIVE_EXTRA_DATA_KEYS"):
-            return 6
-        return 5
+        return 6 if "process_item" in params else 5
 
     # -- identity -----------------------------------------------------------------------
 
@@ -185,7 +184,8 @@ class ComfyAdapter:
         item: tuple[Any, ...] = (number, prompt_id, prompt, extra_data, outputs)
         if self.queue_item_length == 6:
             item += ({},)  # `sensitive`: the courier never puts secrets in a job
-        self.queue.put(item)
+        if self.queue.put(item) is False:  # some newer queues refuse a reused prompt_id
+            raise RuntimeError(f"ComfyUI refused to queue prompt {prompt_id}")
 
     # -- the queue ----------------------------------------------------------------------
 
@@ -209,6 +209,9 @@ class ComfyAdapter:
 
     def interrupt(self, prompt_id: str) -> bool:
         """Interrupt only if this prompt is the one running: the flag is global."""
+        atomic = getattr(self.queue, "interrupt_if_running", None)  # ComfyUI 0.26+
+        if atomic is not None:
+            return bool(atomic(prompt_id))
         with self.queue.mutex:
             running = {item[1] for item in self.queue.currently_running.values()}
             if prompt_id not in running:

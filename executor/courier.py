@@ -147,9 +147,10 @@ class Courier:
             )
             prompt, outputs = await self._validated_prompt(job, request.workflow)
             await self.db(Journal.insert, job)
+            accepted = replace(job)  # the 202 reports the job as accepted, even if it already runs
             self._enqueue(job, prompt, outputs, intake.uses_courier_node(request.workflow))
             log.info("[courier] queued id=%s attempt=%s prompt=%s", cid, attempt, job.prompt_id)
-            return 202, await self._status(job)
+            return 202, await self._status(accepted)
 
     async def _validated_prompt(
         self, job: Job, workflow: dict[str, Any]
@@ -310,7 +311,11 @@ class Courier:
 
     async def _settle(self, run: Run, completion: Completion) -> None:
         job = run.job
-        if completion.status_str != "success":
+        failed = completion.status_str != "success" if not completion.messages else any(
+            event in ("execution_error", "execution_interrupted")
+            for event, _ in completion.messages
+        )  # messages, not status_str: ComfyUI's success flag can carry over between prompts
+        if failed:
             error_type, message, node_id = self._failure(run, completion)
             await self._finish(run, error_type, message, node_id)
             return

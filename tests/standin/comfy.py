@@ -286,9 +286,10 @@ class StandinComfy:
         self.executed: list[str] = []
         self._stop = False
         self._thread: threading.Thread | None = None
-        execution = SimpleNamespace(validate_prompt=self.validate_prompt)
-        if version.startswith("0.33"):
-            execution.SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
+        execution = SimpleNamespace(
+            validate_prompt=self.validate_prompt,
+            SENSITIVE_EXTRA_DATA_KEYS=("auth_token_comfy_org", "api_key_comfy_org"),  # 0.3.45+
+        )
         self.execution = execution
         self.port = port
 

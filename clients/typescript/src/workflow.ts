@@ -122,7 +122,7 @@ const SAMPLERS: Readonly<Record<string, Partial<Record<Polarity, string>>>> = {
 /**
  * Conditioning pass-through nodes: for each output index, the input(s) it derives from.
  * Nodes that merge two conditionings list both: the trace then finds two encoders and asks
- * for a title instead of guessing. ConditioningZeroOut is left out on purpose: its output
+ * for a title instead of guessing. ConditioningZeroOut maps to nothing on purpose: its output
  * ignores the text, so setting a prompt behind it would silently do nothing.
  */
 const PASS_THROUGH: Readonly<Record<string, readonly (readonly string[])[]>> = {
@@ -145,6 +145,7 @@ const PASS_THROUGH: Readonly<Record<string, readonly (readonly string[])[]>> = {
   ConditioningCombine: [["conditioning_1", "conditioning_2"]],
   ConditioningConcat: [["conditioning_to", "conditioning_from"]],
   ConditioningAverage: [["conditioning_to", "conditioning_from"]],
+  ConditioningZeroOut: [[]],
 };
 
 /** The prompt inputs of a node, or null if it is not a text encoder. Unknown nodes with a string `text`/`prompt` count. */
