@@ -4,19 +4,19 @@ ComfyUI imports this package from custom_nodes/. Importing it registers the node
 the routes; nothing starts until ComfyUI's server loop runs.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+import sys
 
 WEB_DIRECTORY = "./web"
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
 
+# pytest may import this file on its own (as `__init__`, no package) when the checkout's
+# folder name is not a valid package name; only a package import registers anything.
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 
-def _in_comfyui() -> bool:
-    import sys
+    if "server" in sys.modules and hasattr(sys.modules["server"], "PromptServer"):
+        from .wiring import setup
 
-    return "server" in sys.modules and hasattr(sys.modules["server"], "PromptServer")
-
-
-if _in_comfyui():
-    from .wiring import setup
-
-    setup()
+        setup()

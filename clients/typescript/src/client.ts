@@ -62,13 +62,16 @@ export function isValidContentRequestId(id: string): boolean {
   return ID_PATTERN.test(id);
 }
 
-function jobUrl(baseUrl: string, id?: string): string {
-  const base = baseUrl.replace(/\/+$/, "");
-  if (id === undefined) return `${base}/execute-workflow`;
+function checkId(id: string): string {
   if (!isValidContentRequestId(id)) {
     throw new TypeError(`content_request_id must match [A-Za-z0-9_-]{1,128}, got ${JSON.stringify(id)}`);
   }
-  return `${base}/execute-workflow/${id}`;
+  return id;
+}
+
+function jobUrl(baseUrl: string, id?: string): string {
+  const base = `${baseUrl.replace(/\/+$/, "")}/execute-workflow`;
+  return id === undefined ? base : `${base}/${checkId(id)}`;
 }
 
 /** Seconds from a Retry-After value: delta-seconds or an HTTP date. */
@@ -144,10 +147,9 @@ async function call(options: CourierOptions, method: string, url: string, body?:
 export async function executeWorkflow(
   options: CourierOptions & { workflow: ApiWorkflow; contentRequestId: string },
 ): Promise<ExecuteResult> {
-  jobUrl(options.baseUrl, options.contentRequestId); // validates the id before sending
   const payload: ExecuteWorkflowRequest = {
     workflow_json: options.workflow,
-    content_request_id: options.contentRequestId,
+    content_request_id: checkId(options.contentRequestId),
   };
   const answer = await call(options, "POST", jobUrl(options.baseUrl), JSON.stringify(payload));
   if ("kind" in answer) return answer;
