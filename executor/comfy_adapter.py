@@ -219,6 +219,26 @@ class ComfyAdapter:
             self._interrupt_processing(True)
         return True
 
+    def on_start(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(prompt_id)` on the worker thread when it takes a prompt to run."""
+        queue = self.queue
+        original = queue.get
+        if getattr(original, _WRAPPED, False):
+            original = original.__wrapped__
+
+        def get(*args: Any, **kwargs: Any) -> Any:
+            taken = original(*args, **kwargs)
+            if taken is not None:
+                try:
+                    callback(str(taken[0][1]))
+                except Exception:  # never break ComfyUI's worker
+                    log.exception("[courier] start hook failed")
+            return taken
+
+        get.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(get, _WRAPPED, True)
+        queue.get = get
+
     def on_completion(self, callback: Callable[[Completion], None]) -> None:
         """Call `callback` on the worker thread when a prompt leaves execution."""
         queue = self.queue

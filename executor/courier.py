@@ -77,6 +77,7 @@ class Courier:
     async def start(self) -> None:
         """Recover what a previous process left, then watch the queue and deliver."""
         self._loop = asyncio.get_running_loop()
+        self.comfy.on_start(self._start_from_worker)
         self.comfy.on_completion(self._completion_from_worker)
         await self.recover()
         self.ready.set()
@@ -225,6 +226,16 @@ class Courier:
 
     # -- from ComfyUI's worker thread ---------------------------------------------------
 
+    def _start_from_worker(self, prompt_id: str) -> None:
+        """Called on the worker thread as it takes a prompt: the job's execution starts."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._on_start, prompt_id, self.clock())
+
+    def _on_start(self, prompt_id: str, started_at: float) -> None:
+        run = self._runs.get(prompt_id)
+        if run is not None and run.job.state is JobState.QUEUED:
+            self._spawn(self._mark_running(run, started_at))
+
     def _completion_from_worker(self, completion: Completion) -> None:
         """Called on the worker thread just before ComfyUI's task_done: never block here."""
         self._done_seen.add(completion.prompt_id)
@@ -372,11 +383,11 @@ class Courier:
                 return ErrorType.INTERRUPTED, "interrupted in ComfyUI while running", node_id
         return ErrorType.EXECUTION, f"ComfyUI reported {completion.status_str!r}", None
 
-    async def _mark_running(self, run: Run) -> None:
+    async def _mark_running(self, run: Run, started_at: float | None = None) -> None:
         if run.job.state is not JobState.QUEUED:
             return
         run.job.state = JobState.RUNNING
-        run.job.started_at = self.clock()
+        run.job.started_at = started_at or self.clock()
         await self.db(Journal.set_state, run.job.prompt_id, JobState.RUNNING,
                       started_at=run.job.started_at)
         log.info("[courier] running id=%s prompt=%s", run.job.content_request_id,
