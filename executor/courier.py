@@ -23,7 +23,7 @@ from .delivery import Deliverer
 from .errors import Conflict, IdempotencyConflict, NotFound, QueueFull, StorageError, WorkflowRejected
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
-from .journal import Journal, JournalThread, OutboxEvent
+from .journal import DuplicateAttempt, Journal, JournalThread, OutboxEvent
 from .settings import Settings
 from .storage import Storage
 from .uploads import upload_with_retry
@@ -121,13 +121,7 @@ class Courier:
             existing = await self.db(Journal.latest, cid)
             attempt = 1
             if existing is not None:
-                if not existing.final or existing.state is JobState.SUCCESS:
-                    if existing.fingerprint != request.fingerprint:
-                        raise IdempotencyConflict(
-                            f"content_request_id {cid!r} was already accepted with a different "
-                            "workflow; use a new id for a new request",
-                            content_request_id=cid,
-                        )
+                if self._is_replay(existing, request):
                     return 200, await self._status(existing)
                 attempt = existing.attempt + 1
             unfinished = await self.db(Journal.count_unfinished)
@@ -147,11 +141,32 @@ class Courier:
                 created_at=self.clock(),
             )
             prompt, outputs = await self._validated_prompt(job, request.workflow)
-            await self.db(Journal.insert, job)
+            try:
+                await self.db(Journal.insert, job)
+            except DuplicateAttempt:
+                # Another ComfyUI process sharing the journal accepted this attempt first.
+                winner = await self.db(Journal.latest, cid)
+                if winner is not None and self._is_replay(winner, request):
+                    return 200, await self._status(winner)
+                raise Conflict(f"content_request_id {cid!r} is being submitted concurrently; "
+                               "retry the request") from None
             accepted = replace(job)  # the 202 reports the job as accepted, even if it already runs
             self._enqueue(job, prompt, outputs, intake.uses_courier_node(request.workflow))
             log.info("[courier] queued id=%s attempt=%s prompt=%s", cid, attempt, job.prompt_id)
             return 202, await self._status(accepted)
+
+    @staticmethod
+    def _is_replay(existing: Job, request: intake.Request) -> bool:
+        """True when `request` repeats a job that runs or succeeded (409 if it differs)."""
+        if existing.final and existing.state is not JobState.SUCCESS:
+            return False  # after an error, the same id starts a new attempt
+        if existing.fingerprint != request.fingerprint:
+            raise IdempotencyConflict(
+                f"content_request_id {existing.content_request_id!r} was already accepted with "
+                "a different workflow; use a new id for a new request",
+                content_request_id=existing.content_request_id,
+            )
+        return True
 
     async def _validated_prompt(
         self, job: Job, workflow: dict[str, Any]

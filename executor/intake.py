@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -41,11 +42,11 @@ def check_id(value: Any) -> str:
 
 def parse_request(raw: bytes) -> Request:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"body is not valid JSON: {e}") from e
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError as e:
         raise BadRequest("body is nested too deeply") from e
+    except ValueError as e:  # bad JSON or encoding, NaN/Infinity, an int over Python's digit limit
+        raise BadRequest(f"body is not valid JSON: {str(e)[:200]}") from e
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object with workflow_json and content_request_id")
     unknown = sorted(set(body) - {"workflow_json", "content_request_id"})
@@ -58,7 +59,11 @@ def parse_request(raw: bytes) -> Request:
     check_workflow(workflow)
     assert isinstance(workflow, dict)
     canonical = json.dumps(workflow, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+    try:
+        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+    except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
+        raise BadRequest("workflow_json contains invalid Unicode (a lone surrogate escape)",
+                         field="workflow_json") from e
     return Request(content_request_id, workflow, canonical, fingerprint)
 
 
@@ -91,6 +96,20 @@ def check_workflow(workflow: Any) -> None:
         if _depth(inputs) > MAX_DEPTH:
             raise BadRequest(f"workflow_json node {node_id!r}: inputs nested too deeply",
                              field="workflow_json", node_id=str(node_id))
+        if _depth(node, -1) > MAX_DEPTH:  # other keys (_meta, ...) are copied and stored too
+            raise BadRequest(f"workflow_json node {node_id!r} is nested too deeply",
+                             field="workflow_json", node_id=str(node_id))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _depth(value: Any, level: int = 0) -> int:

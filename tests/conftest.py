@@ -66,11 +66,12 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         status, headers, delay = self.script.pop(0) if self.script else (200, {}, 0.0)
-        if delay:
-            await asyncio.sleep(delay)
+        # Recorded on arrival: a request whose answer comes too late still reached us.
         self.requests.append(Received(CIMultiDict(request.headers), body))
         async with self.arrived:
             self.arrived.notify_all()
+        if delay:
+            await asyncio.sleep(delay)
         return web.json_response({"ok": status < 300}, status=status, headers=headers)
 
     def bodies(self, cid: str | None = None) -> list[dict[str, Any]]:
