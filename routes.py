@@ -24,6 +24,7 @@ from .executor.errors import (
     Unavailable,
 )
 from .executor.intake import check_id, parse_request
+from .executor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .executor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,11 @@ def key_matches(given: str | None, accepted: tuple[str, ...]) -> bool:
     """Constant-time check against every accepted key (rotation keeps several valid)."""
     if not given:
         return False
-    given_bytes = given.encode()
+    # aiohttp decodes header bytes that are not UTF-8 as surrogate escapes: never raise on them
+    given_bytes = given.encode("utf-8", "surrogatepass")
     matched = False
     for key in accepted:
-        matched |= hmac.compare_digest(given_bytes, key.encode())
+        matched |= hmac.compare_digest(given_bytes, key.encode("utf-8", "surrogatepass"))
     return matched
 
 
@@ -127,6 +129,27 @@ def add_routes(
         cid = _path_id(request)
         await until_ready(courier)
         return web.json_response(await courier.cancel(cid), status=202)
+
+    @routes.get("/courier/metrics")
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        """Prometheus text format; the inbound key or COURIER_METRICS_KEY opens it."""
+        accepted = settings.api_keys + settings.metrics_keys
+        try:
+            if not accepted:
+                raise NotConfigured("no COURIER_API_KEY or COURIER_METRICS_KEY configured")
+            given = request.headers.get("X-API-Key")
+            bearer = request.headers.get("Authorization", "")
+            if bearer.startswith("Bearer "):
+                given = given or bearer[len("Bearer "):]
+            if not key_matches(given, accepted):
+                raise Unauthorized("missing or invalid X-API-Key")
+            courier = get_courier()
+            if courier is None:
+                raise Unavailable("comfy-courier failed to start; see the ComfyUI log")
+        except CourierError as e:
+            return error_response(e)
+        return web.Response(body=await courier.metrics_text(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     @routes.get("/courier/health")
     async def health(request: web.Request) -> web.StreamResponse:

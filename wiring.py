@@ -16,10 +16,11 @@ from typing import Any
 
 from .executor.comfy_adapter import ComfyAdapter
 from .executor.courier import Courier
-from .executor.delivery import Deliverer
+from .executor.delivery import DEFAULT_SCHEDULE, Deliverer
 from .executor.errors import UnsupportedComfyUI
 from .executor.journal import Journal, JournalThread
 from .executor.settings import Settings
+from .executor.status_updates import StatusNotifier
 from .executor.storage import Storage
 from .executor.storage.local import LocalStorage
 
@@ -51,7 +52,15 @@ def build_storage(settings: Settings, adapter: Any) -> Storage:
     return LocalStorage(adapter.output_directory(), lambda: base or adapter.base_url())
 
 
-def build_courier(settings: Settings, adapter: Any, loop: asyncio.AbstractEventLoop) -> Courier:
+def build_courier(
+    settings: Settings,
+    adapter: Any,
+    *,
+    schedule: tuple[float, ...] = DEFAULT_SCHEDULE,
+    delivery_timeout: float = 10.0,
+    jitter: float = 0.1,
+    upload_schedule: tuple[float, ...] = (0.5, 2.0, 8.0),
+) -> Courier:
     """Everything the courier needs, from settings; shared by ComfyUI start-up and tests."""
     path = settings.db_path or adapter.user_directory() / "courier" / "courier.sqlite3"
     db = JournalThread(lambda: Journal(path))
@@ -59,8 +68,15 @@ def build_courier(settings: Settings, adapter: Any, loop: asyncio.AbstractEventL
     deliverer = None
     if settings.callback_url:
         deliverer = Deliverer(db, instance, settings.callback_url, settings.callback_api_key,
-                              settings.webhook_secrets, horizon=settings.retry_horizon)
-    return Courier(settings, adapter, db, build_storage(settings, adapter), instance, deliverer)
+                              settings.webhook_secrets, schedule=schedule,
+                              horizon=settings.retry_horizon, timeout=delivery_timeout,
+                              jitter=jitter)
+    status = None
+    if settings.status_url:
+        status = StatusNotifier(settings.status_url, settings.callback_api_key,
+                                settings.webhook_secrets, interval=settings.progress_interval)
+    return Courier(settings, adapter, db, build_storage(settings, adapter), instance, deliverer,
+                   status=status, upload_schedule=upload_schedule)
 
 
 def setup() -> None:
@@ -76,7 +92,7 @@ def setup() -> None:
                         "COURIER_PUBLIC_BASE_URL so local-storage URLs point somewhere "
                         "clients can reach (using %s meanwhile)", adapter.base_url())
         loop = adapter.loop
-        courier = build_courier(settings, adapter, loop)
+        courier = build_courier(settings, adapter)
         _runtime = Runtime(settings, adapter, courier, loop)
         from .routes import add_routes
 

@@ -52,8 +52,11 @@ class ComfyAdapter:
         port: int = 8188,
         tls: bool = False,
         version: str | None = None,
+        progress_hooks: Any = None,
     ) -> None:
         self.server = server
+        self._progress_hooks = progress_hooks  # comfy.utils: PROGRESS_BAR_HOOK lives there
+        self._progress_callback: Callable[[str, float], None] | None = None
         self.queue = server.prompt_queue
         self.folder_paths = folder_paths
         self.version = version
@@ -81,6 +84,7 @@ class ComfyAdapter:
             import execution
             import folder_paths
             import server
+            import comfy.utils
             from comfy.cli_args import args
             from comfy.model_management import interrupt_current_processing
             from comfy_execution.utils import get_executing_context
@@ -108,6 +112,7 @@ class ComfyAdapter:
             port=int(getattr(args, "port", 8188)),
             tls=bool(getattr(args, "tls_keyfile", None)),
             version=version,
+            progress_hooks=comfy.utils,
         )
 
     def _detect_queue_item_length(self) -> int:
@@ -184,6 +189,9 @@ class ComfyAdapter:
         item: tuple[Any, ...] = (number, prompt_id, prompt, extra_data, outputs)
         if self.queue_item_length == 6:
             item += ({},)  # `sensitive`: the courier never puts secrets in a job
+        # By now ComfyUI has installed its own progress hook; the idle worker may sit in one
+        # long queue.get() call from start-up, so the get wrapper alone would miss this job.
+        self._chain_progress_hook()
         if self.queue.put(item) is False:  # some newer queues refuse a reused prompt_id
             raise RuntimeError(f"ComfyUI refused to queue prompt {prompt_id}")
 
@@ -230,6 +238,7 @@ class ComfyAdapter:
             taken = original(*args, **kwargs)
             if taken is not None:
                 try:
+                    self._chain_progress_hook()
                     callback(str(taken[0][1]))
                 except Exception:  # never break ComfyUI's worker
                     log.exception("[courier] start hook failed")
@@ -238,6 +247,52 @@ class ComfyAdapter:
         get.__wrapped__ = original  # type: ignore[attr-defined]
         setattr(get, _WRAPPED, True)
         queue.get = get
+
+    def on_progress(self, callback: Callable[[str, float], None]) -> None:
+        """Call `callback(prompt_id, value/total)` on the worker thread for progress bars.
+
+        ComfyUI installs its own global progress hook after custom nodes load, so ours is
+        chained onto whatever is installed when a prompt is queued or taken, not now.
+        """
+        self._progress_callback = callback
+
+    def _chain_progress_hook(self) -> None:
+        hooks = self._progress_hooks
+        if hooks is None or self._progress_callback is None:
+            return
+        current = getattr(hooks, "PROGRESS_BAR_HOOK", None)
+        if getattr(current, _WRAPPED, False):
+            return
+        callback = self._progress_callback
+
+        def hook(value: Any, total: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                context = self._get_executing_context()
+                if context is not None and total:
+                    callback(str(context.prompt_id), float(value) / float(total))
+            except Exception:  # never break a node's progress bar
+                log.exception("[courier] progress hook failed")
+            if current is not None:
+                return current(value, total, *args, **kwargs)
+            return None
+
+        setattr(hook, _WRAPPED, True)
+        hooks.PROGRESS_BAR_HOOK = hook
+
+    def notify_client(self, prompt_id: str, event: str, data: dict[str, Any]) -> None:
+        """Send a websocket event to the browser that queued `prompt_id` (UI runs only)."""
+        client_id = None
+        with self.queue.mutex:
+            for item in self.queue.currently_running.values():
+                if item[1] == prompt_id:
+                    client_id = item[3].get("client_id")
+            entry = self.queue.history.get(prompt_id) if client_id is None else None
+        if entry is not None:
+            prompt = entry.get("prompt")
+            if isinstance(prompt, (list, tuple)) and len(prompt) > 3 and isinstance(prompt[3], dict):
+                client_id = prompt[3].get("client_id")
+        if client_id and client_id != self.client_id:
+            self.server.send_sync(event, data, client_id)
 
     def on_completion(self, callback: Callable[[Completion], None]) -> None:
         """Call `callback` on the worker thread when a prompt leaves execution."""

@@ -23,6 +23,8 @@ from .delivery import Deliverer
 from .errors import Conflict, IdempotencyConflict, NotFound, QueueFull, StorageError, WorkflowRejected
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
+from .metrics import Metrics
+from .status_updates import StatusNotifier
 from .journal import DuplicateAttempt, Journal, JournalThread, OutboxEvent
 from .settings import Settings
 from .storage import Storage
@@ -56,6 +58,8 @@ class Courier:
         deliverer: Deliverer | None = None,
         clock: Callable[[], float] = time.time,
         upload_schedule: tuple[float, ...] = (0.5, 2.0, 8.0),
+        status: StatusNotifier | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.comfy = comfy
@@ -65,6 +69,11 @@ class Courier:
         self.deliverer = deliverer
         self.clock = clock
         self.upload_schedule = upload_schedule
+        self.status_updates = status
+        self.metrics = metrics or Metrics()
+        if deliverer is not None:
+            deliverer.on_outcome = lambda outcome: self.metrics.callback_attempts.labels(
+                outcome).inc()
         self.ready = asyncio.Event()
         self._runs: dict[str, Run] = {}
         self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
@@ -78,6 +87,7 @@ class Courier:
         """Recover what a previous process left, then watch the queue and deliver."""
         self._loop = asyncio.get_running_loop()
         self.comfy.on_start(self._start_from_worker)
+        self.comfy.on_progress(self._progress_from_worker)
         self.comfy.on_completion(self._completion_from_worker)
         await self.recover()
         self.ready.set()
@@ -153,6 +163,9 @@ class Courier:
             accepted = replace(job)  # the 202 reports the job as accepted, even if it already runs
             self._enqueue(job, prompt, outputs, intake.uses_courier_node(request.workflow))
             log.info("[courier] queued id=%s attempt=%s prompt=%s", cid, attempt, job.prompt_id)
+            self.metrics.jobs_accepted.inc()
+            if self.status_updates is not None:
+                self.status_updates.update(job, "queued", 0.0)
             return 202, await self._status(accepted)
 
     @staticmethod
@@ -251,6 +264,17 @@ class Courier:
         if run is not None and run.job.state is JobState.QUEUED:
             self._spawn(self._mark_running(run, started_at))
 
+    def _progress_from_worker(self, prompt_id: str, fraction: float) -> None:
+        """Called on the worker thread by ComfyUI's progress bars."""
+        if self.status_updates is not None and prompt_id in self._runs:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._on_progress, prompt_id, fraction)
+
+    def _on_progress(self, prompt_id: str, fraction: float) -> None:
+        run = self._runs.get(prompt_id)
+        if run is not None and not run.completed and self.status_updates is not None:
+            self.status_updates.update(run.job, "running", fraction)
+
     def _completion_from_worker(self, completion: Completion) -> None:
         """Called on the worker thread just before ComfyUI's task_done: never block here."""
         self._done_seen.add(completion.prompt_id)
@@ -295,22 +319,37 @@ class Courier:
 
     async def _upload(self, job: Job, seq: int, output: Output, data: bytes) -> Output:
         await self.db(Journal.record_image, job, seq, output)
-        url = await upload_with_retry(self.storage, output.key, data, output.content_type,
-                                      self.upload_schedule)
+        url = await self._store(output.key, data, output.content_type)
         stored = replace(output, url=url)
         await self.db(Journal.record_image, job, seq, stored)
         return stored
 
+    async def _store(self, key: str, data: bytes, content_type: str) -> str:
+        started = time.perf_counter()
+        try:
+            url = await upload_with_retry(self.storage, key, data, content_type,
+                                          self.upload_schedule)
+        except Exception:
+            self.metrics.upload_failures.inc()
+            raise
+        self.metrics.upload_duration.observe(time.perf_counter() - started)
+        self.metrics.upload_bytes.inc(len(data))
+        return url
+
     async def _upload_ui_run(self, prompt_id: str, node_id: str,
                              images: list[tuple[EncodedImage, Path]]) -> None:
+        urls = []
         for n, (image, _) in enumerate(images, start=1):
             key = f"ui/{prompt_id}/{node_id}-{n}.{image.extension}"
             try:
-                url = await upload_with_retry(self.storage, key, image.data, image.content_type,
-                                              self.upload_schedule)
-                log.info("[courier] UI run prompt=%s image stored: %s", prompt_id, url)
+                urls.append(await self._store(key, image.data, image.content_type))
+                log.info("[courier] UI run prompt=%s image stored: %s", prompt_id, urls[-1])
             except StorageError as e:
                 log.error("[courier] UI run prompt=%s upload failed: %s", prompt_id, e.message)
+        if urls:
+            self.comfy.notify_client(prompt_id, "comfy-courier.images", {
+                "prompt_id": prompt_id, "node_id": node_id, "content_request_id": "",
+                "urls": urls})
 
     # -- completion ---------------------------------------------------------------------
 
@@ -403,6 +442,8 @@ class Courier:
             return
         run.job.state = JobState.RUNNING
         run.job.started_at = started_at or self.clock()
+        if self.status_updates is not None:
+            self.status_updates.update(run.job, "running", 0.0)
         await self.db(Journal.set_state, run.job.prompt_id, JobState.RUNNING,
                       started_at=run.job.started_at)
         log.info("[courier] running id=%s prompt=%s", run.job.content_request_id,
@@ -425,10 +466,15 @@ class Courier:
             body = json.dumps(callback_body(job), separators=(",", ":")).encode()
             event = OutboxEvent(f"msg_{uuid.uuid4().hex}", job.content_request_id, job.attempt,
                                 body, 0, job.finished_at)
+        if self.status_updates is not None:
+            self.status_updates.close(job)  # nothing intermediate after the final event
         finished = await self.db(Journal.finish, job, event)
         self._runs.pop(job.prompt_id, None)
         if not finished:
             return False
+        self.metrics.jobs_final.labels(job.state.value,
+                                       error_type.value if error_type else "").inc()
+        self.metrics.job_duration.observe(max(0.0, job.finished_at - job.created_at))
         if error_type is None:
             log.info("[courier] success id=%s attempt=%s prompt=%s images=%d",
                      job.content_request_id, job.attempt, job.prompt_id, len(job.image_urls))
@@ -547,6 +593,17 @@ class Courier:
         return True
 
     # -- health -------------------------------------------------------------------------
+
+    async def metrics_text(self) -> bytes:
+        snapshot = self.comfy.queue_snapshot()
+        outbox = await self.db(Journal.outbox_counts)
+        return self.metrics.render({
+            "courier_unfinished_jobs": await self.db(Journal.count_unfinished),
+            "courier_comfy_queue_pending": len(snapshot.pending),
+            "courier_comfy_queue_running": len(snapshot.running),
+            "courier_outbox_pending": outbox.get("pending", 0),
+            "courier_outbox_dead": outbox.get("dead", 0),
+        })
 
     async def health(self) -> dict[str, Any]:
         snapshot = self.comfy.queue_snapshot()

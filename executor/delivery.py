@@ -105,6 +105,7 @@ class Deliverer:
         self._wake = asyncio.Event()
         self.sent = 0
         self.failures = 0
+        self.on_outcome: Callable[[str], None] = lambda outcome: None  # metrics hook
 
     def wake(self) -> None:
         """A new event was committed: look now instead of at the next scheduled time."""
@@ -178,6 +179,7 @@ class Deliverer:
     async def _record(self, event: OutboxEvent, outcome: Outcome) -> None:
         now = self._clock()
         attempts = event.attempts + 1
+        self.on_outcome(type(outcome).__name__.lower())
         if isinstance(outcome, Delivered):
             self.sent += 1
             await self._db(Journal.record_delivery, event.event_id, "delivered", attempts, now)

@@ -29,6 +29,7 @@ def _split_list(value: str | None) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Settings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    metrics_keys: tuple[str, ...] = field(default=(), repr=False)
     callback_url: str | None = None
     callback_api_key: str | None = field(default=None, repr=False)
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -53,7 +54,7 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for redaction and for the tests that hunt for leaks."""
-        values = [*self.api_keys, *self.webhook_secrets]
+        values = [*self.api_keys, *self.metrics_keys, *self.webhook_secrets]
         values += [v for v in (self.callback_api_key, self.supabase_key) if v]
         return tuple(values)
 
@@ -138,6 +139,7 @@ class Settings:
         db = text("COURIER_DB")
         return cls(
             api_keys=api_keys,
+            metrics_keys=_split_list(environ.get("COURIER_METRICS_KEY")),
             callback_url=callback_url,
             callback_api_key=text("COURIER_CALLBACK_API_KEY"),
             webhook_secrets=valid_secrets,

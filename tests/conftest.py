@@ -18,8 +18,6 @@ from multidict import CIMultiDict
 
 from comfy_courier import wiring
 from comfy_courier.executor.courier import Courier
-from comfy_courier.executor.delivery import Deliverer
-from comfy_courier.executor.journal import Journal, JournalThread
 from comfy_courier.executor.settings import Settings
 from comfy_courier.routes import add_routes
 from fakes.storage_server import FakeStorage, start_storage_server
@@ -189,15 +187,8 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
         comfy = StandinComfy(base or tmp_path / "comfy", version=version, port=port)
         adapter = comfy.adapter()
         loop = asyncio.get_running_loop()
-        db = JournalThread(lambda: Journal(settings.db_path or tmp_path / "journal.sqlite3"))
-        deliverer = None
-        if settings.callback_url:
-            deliverer = Deliverer(db, adapter.instance_name(), settings.callback_url,
-                                  settings.callback_api_key, settings.webhook_secrets,
-                                  schedule=schedule, horizon=settings.retry_horizon,
-                                  timeout=2.0, jitter=0.0)
-        courier = Courier(settings, adapter, db, wiring.build_storage(settings, adapter),
-                          adapter.instance_name(), deliverer, upload_schedule=upload_schedule)
+        courier = wiring.build_courier(settings, adapter, schedule=schedule, delivery_timeout=2.0,
+                                       jitter=0.0, upload_schedule=upload_schedule)
         wiring._runtime = wiring.Runtime(settings, adapter, courier, loop)
         add_routes(comfy.routes, lambda: courier, settings)
         client = TestClient(TestServer(comfy.make_app(), host="127.0.0.1"))

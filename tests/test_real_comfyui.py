@@ -201,3 +201,68 @@ async def test_validation_errors_pass_through(real_comfy):
         resp = await real_comfy.post(client, workflow, "real-invalid")
         assert resp.status_code == 400
         assert "1" in resp.json()["node_errors"]
+
+
+async def test_sigkill_while_running_then_restart_loses_nothing(tmp_path, receiver):
+    checkpoint = Path(COMFYUI_DIR or "") / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
+    if not checkpoint.exists():
+        pytest.skip(f"tiny checkpoint missing: run shared/tools/make_tiny_sd15.py ({checkpoint})")
+    long_job = load("txt2img-sd15.json")
+    long_job["3"]["inputs"]["steps"] = 150  # long enough to be killed mid-run
+    port = free_port()
+    comfy = start_comfy(tmp_path, receiver.url, port, {})
+    try:
+        await wait_up(comfy)
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await comfy.post(client, long_job, "kill-running")).status_code == 202
+            assert (await comfy.post(client, load("model-free.json"), "kill-queued")).status_code == 202
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                state = (await client.get(f"{comfy.url}/execute-workflow/kill-running",
+                                          headers={"X-API-Key": API_KEY})).json()["state"]
+                if state == "running":
+                    break
+                await asyncio.sleep(0.05)
+            assert state == "running"
+    finally:
+        stop(comfy, signal.SIGKILL)
+    assert receiver.requests == []
+
+    (tmp_path / "nodes" / "custom_nodes" / "comfy_courier").unlink()
+    restarted = start_comfy(tmp_path, receiver.url, port, {})  # same port: same instance
+    try:
+        await wait_up(restarted)
+        await receiver.wait_for(2, timeout=240)
+        await asyncio.sleep(1.0)
+        bodies = {}
+        for request in receiver.requests:
+            bodies.setdefault(request.json["content_request_id"], set()).add(
+                request.headers["webhook-id"])
+        assert {cid: len(ids) for cid, ids in bodies.items()} == {"kill-running": 1,
+                                                                  "kill-queued": 1}
+        assert {r.json["status"] for r in receiver.requests} == {"success"}
+    finally:
+        stop(restarted)
+
+
+async def test_progress_updates_from_a_real_sampler(tmp_path, receiver):
+    checkpoint = Path(COMFYUI_DIR or "") / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
+    if not checkpoint.exists():
+        pytest.skip(f"tiny checkpoint missing: run shared/tools/make_tiny_sd15.py ({checkpoint})")
+    workflow = load("txt2img-sd15.json")
+    workflow["3"]["inputs"]["steps"] = 20
+    comfy = start_comfy(tmp_path, receiver.url, free_port(),
+                        {"COURIER_STATUS_URL": receiver.url, "COURIER_PROGRESS_INTERVAL": "0.1"})
+    try:
+        await wait_up(comfy)
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await comfy.post(client, workflow, "real-progress")).status_code == 202
+            final = await final_state(client, comfy, "real-progress")
+        assert final["state"] == "success"
+        await asyncio.sleep(0.5)
+        statuses = [r.json["status"] for r in receiver.requests]
+        progress = [r.json["progress"] for r in receiver.requests if r.json["status"] == "running"]
+        assert statuses[0] == "queued" and statuses[-1] == "success"
+        assert any(p and p > 0 for p in progress), statuses
+    finally:
+        stop(comfy)

@@ -237,12 +237,15 @@ class StandinNodes:
 
     def SlowNode(self, images: Any, seconds: float = 1.0) -> Any:
         """Sleeps, checking the interrupt flag like ComfyUI's progress points do."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        steps = max(1, int(seconds / 0.005))
+        hook = self.comfy.utils.PROGRESS_BAR_HOOK  # what comfy.utils.ProgressBar captures
+        for step in range(1, steps + 1):
             if self.comfy.interrupted:
                 self.comfy.interrupted = False
                 raise InterruptProcessingException()
             time.sleep(0.005)
+            if hook is not None:
+                hook(step, steps, None, node_id=get_executing_context().node_id)
         return images
 
     def BlockingNode(self, images: Any, seconds: float = 1.0) -> Any:
@@ -292,6 +295,8 @@ class StandinComfy:
         )
         self.execution = execution
         self.port = port
+        self.utils = SimpleNamespace(PROGRESS_BAR_HOOK=None)  # comfy.utils
+        self.sent: list[tuple[str, dict[str, Any], str | None]] = []  # send_sync messages
 
     # PromptServer surface
     @property
@@ -308,6 +313,9 @@ class StandinComfy:
 
     def add_on_prompt_handler(self, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         self.on_prompt_handlers.append(handler)
+
+    def send_sync(self, event: str, data: dict[str, Any], sid: str | None = None) -> None:
+        self.sent.append((event, data, sid))
 
     def interrupt_processing(self, value: bool = True) -> None:
         self.interrupted = value
@@ -327,7 +335,8 @@ class StandinComfy:
         from comfy_courier.executor.comfy_adapter import ComfyAdapter
 
         return ComfyAdapter(self, self.execution, self.folder_paths, get_executing_context,
-                            self.interrupt_processing, port=self.port, version=self.version)
+                            self.interrupt_processing, port=self.port, version=self.version,
+                            progress_hooks=self.utils)
 
     # execution.validate_prompt
     async def validate_prompt(self, prompt_id: str, prompt: dict[str, Any],

@@ -1,0 +1,67 @@
+"""Operations: intermediate status updates with progress, metrics, the UI's delivered-URL event."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import API_KEY, CALLBACK_KEY, model_free
+from test_job_outcomes import slow_workflow
+
+
+async def test_status_updates_queued_running_progress_never_after_final(make_harness, receiver):
+    h = await make_harness(env={"COURIER_STATUS_URL": receiver.url,
+                                "COURIER_PROGRESS_INTERVAL": "0.05"})
+    await h.post(slow_workflow(0.6), "st1")
+    final = await h.wait_final("st1")
+    assert final["state"] == "success"
+    await h.settle()
+    await asyncio.sleep(0.2)  # anything still throttled would have gone by now
+    bodies = [r.json for r in receiver.requests]
+    statuses = [b["status"] for b in bodies]
+    assert statuses[0] == "queued" and "running" in statuses
+    assert statuses[-1] == "success", "the final callback is the last thing sent"
+    assert statuses.count("success") == 1
+    progress = [b["progress"] for b in bodies if b["status"] == "running"]
+    assert progress == sorted(progress) and 0 < max(progress) <= 1
+    assert len(progress) <= 0.6 / 0.05 + 3, "throttled"
+    for request in receiver.requests:
+        assert request.headers["X-API-Key"] == CALLBACK_KEY
+        assert request.headers["webhook-id"]
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == len(receiver.requests)
+
+
+async def test_status_endpoint_down_never_delays_the_job(make_harness, receiver):
+    h = await make_harness(env={"COURIER_STATUS_URL": "http://127.0.0.1:9/status"})
+    await h.post(model_free(), "st2")
+    assert (await h.wait_final("st2"))["state"] == "success"
+    await receiver.wait_for(1)
+
+
+async def test_metrics_need_a_key_and_count_outcomes(make_harness):
+    h = await make_harness(env={"COURIER_METRICS_KEY": "metrics-key-0123456789"})
+    assert (await h.client.get("/courier/metrics")).status == 401
+    await h.post(model_free(), "m1")
+    await h.wait_final("m1")
+    await h.settle()
+    for headers in ({"X-API-Key": API_KEY}, {"Authorization": "Bearer metrics-key-0123456789"}):
+        resp = await h.client.get("/courier/metrics", headers=headers)
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+    text = await resp.text()
+    assert 'courier_jobs_final_total{error_type="",status="success"} 1.0' in text
+    assert "courier_jobs_accepted_total 1.0" in text
+    assert 'courier_callback_attempts_total{outcome="delivered"} 1.0' in text
+    assert "courier_upload_bytes_total" in text and "courier_unfinished_jobs 0.0" in text
+    assert "courier_job_duration_seconds_count 1.0" in text
+
+
+async def test_ui_run_tells_the_browser_that_queued_it(make_harness):
+    h = await make_harness(with_receiver=False)
+    h.comfy.prompt_queue.put((50, "ui-p", model_free(), {"client_id": "browser-tab-1"}, ["2"]))
+    for _ in range(300):
+        if h.comfy.sent:
+            break
+        await asyncio.sleep(0.01)
+    [(event, data, sid)] = h.comfy.sent
+    assert event == "comfy-courier.images" and sid == "browser-tab-1"
+    assert data["prompt_id"] == "ui-p" and data["node_id"] == "2" and len(data["urls"]) == 1
