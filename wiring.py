@@ -46,8 +46,13 @@ def build_storage(settings: Settings, adapter: Any) -> Storage:
     if settings.storage == "supabase" and settings.supabase_url and settings.supabase_key:
         from .executor.storage.supabase_storage import SupabaseStorage
 
-        return SupabaseStorage(settings.supabase_url, settings.supabase_key, settings.bucket,
-                               settings.url_mode, settings.signed_url_ttl)
+        return SupabaseStorage(
+            settings.supabase_url,
+            settings.supabase_key,
+            settings.bucket,
+            settings.url_mode,
+            settings.signed_url_ttl,
+        )
     base = settings.public_base_url
     return LocalStorage(adapter.output_directory(), lambda: base or adapter.base_url())
 
@@ -67,16 +72,35 @@ def build_courier(
     instance = adapter.instance_name()
     deliverer = None
     if settings.callback_url:
-        deliverer = Deliverer(db, instance, settings.callback_url, settings.callback_api_key,
-                              settings.webhook_secrets, schedule=schedule,
-                              horizon=settings.retry_horizon, timeout=delivery_timeout,
-                              jitter=jitter)
+        deliverer = Deliverer(
+            db,
+            instance,
+            settings.callback_url,
+            settings.callback_api_key,
+            settings.webhook_secrets,
+            schedule=schedule,
+            horizon=settings.retry_horizon,
+            timeout=delivery_timeout,
+            jitter=jitter,
+        )
     status = None
     if settings.status_url:
-        status = StatusNotifier(settings.status_url, settings.callback_api_key,
-                                settings.webhook_secrets, interval=settings.progress_interval)
-    return Courier(settings, adapter, db, build_storage(settings, adapter), instance, deliverer,
-                   status=status, upload_schedule=upload_schedule)
+        status = StatusNotifier(
+            settings.status_url,
+            settings.callback_api_key,
+            settings.webhook_secrets,
+            interval=settings.progress_interval,
+        )
+    return Courier(
+        settings,
+        adapter,
+        db,
+        build_storage(settings, adapter),
+        instance,
+        deliverer,
+        status=status,
+        upload_schedule=upload_schedule,
+    )
 
 
 def setup() -> None:
@@ -86,11 +110,17 @@ def setup() -> None:
         for problem in settings.problems:
             log.warning("[courier] config: %s", problem)
         adapter = ComfyAdapter.from_comfyui()
-        if (settings.storage == "local" and not settings.public_base_url
-                and adapter.listens_beyond_loopback()):
-            log.warning("[courier] config: ComfyUI listens beyond loopback; set "
-                        "COURIER_PUBLIC_BASE_URL so local-storage URLs point somewhere "
-                        "clients can reach (using %s meanwhile)", adapter.base_url())
+        if (
+            settings.storage == "local"
+            and not settings.public_base_url
+            and adapter.listens_beyond_loopback()
+        ):
+            log.warning(
+                "[courier] config: ComfyUI listens beyond loopback; set "
+                "COURIER_PUBLIC_BASE_URL so local-storage URLs point somewhere "
+                "clients can reach (using %s meanwhile)",
+                adapter.base_url(),
+            )
         loop = adapter.loop
         courier = build_courier(settings, adapter)
         _runtime = Runtime(settings, adapter, courier, loop)
@@ -98,8 +128,12 @@ def setup() -> None:
 
         add_routes(adapter.routes, lambda: _runtime.courier if _runtime else None, settings)
         loop.call_soon(_start, courier)
-        log.info("[courier] comfy-courier loaded (ComfyUI %s, storage %s, instance %s)",
-                 adapter.version or "unknown", courier.storage.kind, courier.instance)
+        log.info(
+            "[courier] comfy-courier loaded (ComfyUI %s, storage %s, instance %s)",
+            adapter.version or "unknown",
+            courier.storage.kind,
+            courier.instance,
+        )
     except UnsupportedComfyUI as e:
         log.error("[courier] disabled: %s", e)
     except Exception:

@@ -81,10 +81,10 @@ class ComfyAdapter:
     def from_comfyui(cls) -> ComfyAdapter:
         """Build the adapter from the running ComfyUI; raises UnsupportedComfyUI if too old."""
         try:
+            import comfy.utils
             import execution
             import folder_paths
             import server
-            import comfy.utils
             from comfy.cli_args import args
             from comfy.model_management import interrupt_current_processing
             from comfy_execution.utils import get_executing_context
@@ -175,8 +175,15 @@ class ComfyAdapter:
             ok, error, outputs, node_errors = await self._validate(*args)
         except Exception as e:  # validate_prompt raises on shapes it does not expect
             return Validation(
-                False, {"type": "invalid_prompt", "message": f"Invalid prompt: {e}",
-                        "details": type(e).__name__, "extra_info": {}}, [], {}
+                False,
+                {
+                    "type": "invalid_prompt",
+                    "message": f"Invalid prompt: {e}",
+                    "details": type(e).__name__,
+                    "extra_info": {},
+                },
+                [],
+                {},
             )
         return Validation(bool(ok), error or None, list(outputs or []), dict(node_errors or {}))
 
@@ -289,7 +296,11 @@ class ComfyAdapter:
             entry = self.queue.history.get(prompt_id) if client_id is None else None
         if entry is not None:
             prompt = entry.get("prompt")
-            if isinstance(prompt, (list, tuple)) and len(prompt) > 3 and isinstance(prompt[3], dict):
+            if (
+                isinstance(prompt, (list, tuple))
+                and len(prompt) > 3
+                and isinstance(prompt[3], dict)
+            ):
                 client_id = prompt[3].get("client_id")
         if client_id and client_id != self.client_id:
             self.server.send_sync(event, data, client_id)
@@ -301,7 +312,9 @@ class ComfyAdapter:
         if getattr(original, _WRAPPED, False):
             original = original.__wrapped__
 
-        def task_done(item_id: Any, history_result: Any, status: Any, *args: Any, **kwargs: Any) -> Any:
+        def task_done(
+            item_id: Any, history_result: Any, status: Any, *args: Any, **kwargs: Any
+        ) -> Any:
             item = queue.currently_running.get(item_id)
             if item is not None:
                 try:
@@ -325,10 +338,10 @@ class ComfyAdapter:
 
     def save_path(self, prefix: str, width: int, height: int) -> tuple[str, str, int, str, str]:
         """folder_paths.get_save_image_path: refuses prefixes that leave the output folder."""
-        result = self.folder_paths.get_save_image_path(
+        folder, filename, counter, subfolder, full_prefix = self.folder_paths.get_save_image_path(
             prefix, self.folder_paths.get_output_directory(), width, height
         )
-        return tuple(result)  # type: ignore[return-value]
+        return str(folder), str(filename), int(counter), str(subfolder), str(full_prefix)
 
     def output_files(self, outputs: dict[str, Any]) -> list[SavedFile]:
         """Files of output nodes (type 'output', never temp previews) from a history result."""

@@ -11,22 +11,29 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from . import intake
 from .comfy_port import ComfyPort, Completion, QueueSnapshot
 from .delivery import Deliverer
-from .errors import Conflict, IdempotencyConflict, NotFound, QueueFull, StorageError, WorkflowRejected
+from .errors import (
+    Conflict,
+    IdempotencyConflict,
+    NotFound,
+    QueueFull,
+    StorageError,
+    WorkflowRejected,
+)
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
-from .metrics import Metrics
-from .status_updates import StatusNotifier
 from .journal import DuplicateAttempt, Journal, JournalThread, OutboxEvent
+from .metrics import Metrics
 from .settings import Settings
+from .status_updates import StatusNotifier
 from .storage import Storage
 from .uploads import upload_with_retry
 
@@ -42,7 +49,7 @@ class Run:
 
     job: Job
     uses_node: bool
-    uploads: list[asyncio.Task[Output]] = field(default_factory=list)
+    uploads: list[asyncio.Future[Output]] = field(default_factory=list)
     next_seq: int = 1
     completed: bool = False
 
@@ -73,7 +80,8 @@ class Courier:
         self.metrics = metrics or Metrics()
         if deliverer is not None:
             deliverer.on_outcome = lambda outcome: self.metrics.callback_attempts.labels(
-                outcome).inc()
+                outcome
+            ).inc()
         self.ready = asyncio.Event()
         self._runs: dict[str, Run] = {}
         self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
@@ -95,8 +103,8 @@ class Courier:
         if self.deliverer is not None:
             self._spawn(self.deliverer.run())
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -158,8 +166,9 @@ class Courier:
                 winner = await self.db(Journal.latest, cid)
                 if winner is not None and self._is_replay(winner, request):
                     return 200, await self._status(winner)
-                raise Conflict(f"content_request_id {cid!r} is being submitted concurrently; "
-                               "retry the request") from None
+                raise Conflict(
+                    f"content_request_id {cid!r} is being submitted concurrently; retry the request"
+                ) from None
             accepted = replace(job)  # the 202 reports the job as accepted, even if it already runs
             self._enqueue(job, prompt, outputs, intake.uses_courier_node(request.workflow))
             log.info("[courier] queued id=%s attempt=%s prompt=%s", cid, attempt, job.prompt_id)
@@ -197,7 +206,9 @@ class Courier:
             raise WorkflowRejected(error, result.node_errors)
         return prompt, result.outputs
 
-    def _enqueue(self, job: Job, prompt: dict[str, Any], outputs: list[str], uses_node: bool) -> None:
+    def _enqueue(
+        self, job: Job, prompt: dict[str, Any], outputs: list[str], uses_node: bool
+    ) -> None:
         self._runs[job.prompt_id] = Run(job, uses_node)
         extra_data = {
             "client_id": self.comfy.client_id,
@@ -242,12 +253,16 @@ class Courier:
                     state=job.state.value,
                 )
             if self.comfy.remove_pending(job.prompt_id):
-                await self._finish(run, ErrorType.CANCELLED, "cancelled before it ran (DELETE request)")
+                await self._finish(
+                    run, ErrorType.CANCELLED, "cancelled before it ran (DELETE request)"
+                )
             else:
                 run.job.cancel_requested = True
                 await self.db(Journal.set_state, job.prompt_id, run.job.state, cancel_requested=1)
                 if not self.comfy.interrupt(job.prompt_id):
-                    log.warning("[courier] cancel id=%s: prompt not running, waiting", content_request_id)
+                    log.warning(
+                        "[courier] cancel id=%s: prompt not running, waiting", content_request_id
+                    )
             latest = await self.db(Journal.latest, content_request_id)
             assert latest is not None
             return await self._status(latest)
@@ -281,8 +296,13 @@ class Courier:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._on_completion, completion)
 
-    def images_saved(self, prompt_id: str, node_id: str, content_request_id: str,
-                     images: list[tuple[EncodedImage, Path]]) -> None:
+    def images_saved(
+        self,
+        prompt_id: str,
+        node_id: str,
+        content_request_id: str,
+        images: list[tuple[EncodedImage, Path]],
+    ) -> None:
         """The node saved images (runs on the loop; the node reached it via call_soon_threadsafe).
 
         Registering synchronously keeps the order with the completion that follows.
@@ -290,8 +310,9 @@ class Courier:
         run = self._runs.get(prompt_id)
         if run is None:
             if content_request_id:
-                log.warning("[courier] images of prompt %s arrived after its job ended; not sent",
-                            prompt_id)
+                log.warning(
+                    "[courier] images of prompt %s arrived after its job ended; not sent", prompt_id
+                )
                 return
             self._spawn(self._upload_ui_run(prompt_id, node_id, images))
             return
@@ -300,8 +321,15 @@ class Courier:
         for index, (image, path) in enumerate(images):
             self._start_upload(run, node_id, index, image.data, image, path)
 
-    def _start_upload(self, run: Run, node_id: str, index: int, data: bytes,
-                      image: EncodedImage, path: Path | None) -> None:
+    def _start_upload(
+        self,
+        run: Run,
+        node_id: str,
+        index: int,
+        data: bytes,
+        image: EncodedImage,
+        path: Path | None,
+    ) -> None:
         seq = run.next_seq
         run.next_seq += 1
         job = run.job
@@ -327,8 +355,9 @@ class Courier:
     async def _store(self, key: str, data: bytes, content_type: str) -> str:
         started = time.perf_counter()
         try:
-            url = await upload_with_retry(self.storage, key, data, content_type,
-                                          self.upload_schedule)
+            url = await upload_with_retry(
+                self.storage, key, data, content_type, self.upload_schedule
+            )
         except Exception:
             self.metrics.upload_failures.inc()
             raise
@@ -336,8 +365,9 @@ class Courier:
         self.metrics.upload_bytes.inc(len(data))
         return url
 
-    async def _upload_ui_run(self, prompt_id: str, node_id: str,
-                             images: list[tuple[EncodedImage, Path]]) -> None:
+    async def _upload_ui_run(
+        self, prompt_id: str, node_id: str, images: list[tuple[EncodedImage, Path]]
+    ) -> None:
         urls = []
         for n, (image, _) in enumerate(images, start=1):
             key = f"ui/{prompt_id}/{node_id}-{n}.{image.extension}"
@@ -347,9 +377,16 @@ class Courier:
             except StorageError as e:
                 log.error("[courier] UI run prompt=%s upload failed: %s", prompt_id, e.message)
         if urls:
-            self.comfy.notify_client(prompt_id, "comfy-courier.images", {
-                "prompt_id": prompt_id, "node_id": node_id, "content_request_id": "",
-                "urls": urls})
+            self.comfy.notify_client(
+                prompt_id,
+                "comfy-courier.images",
+                {
+                    "prompt_id": prompt_id,
+                    "node_id": node_id,
+                    "content_request_id": "",
+                    "urls": urls,
+                },
+            )
 
     # -- completion ---------------------------------------------------------------------
 
@@ -376,9 +413,13 @@ class Courier:
 
     async def _settle(self, run: Run, completion: Completion) -> None:
         job = run.job
-        failed = completion.status_str != "success" if not completion.messages else any(
-            event in ("execution_error", "execution_interrupted")
-            for event, _ in completion.messages
+        failed = (
+            completion.status_str != "success"
+            if not completion.messages
+            else any(
+                event in ("execution_error", "execution_interrupted")
+                for event, _ in completion.messages
+            )
         )  # messages, not status_str: ComfyUI's success flag can carry over between prompts
         if failed:
             error_type, message, node_id = self._failure(run, completion)
@@ -386,9 +427,14 @@ class Courier:
             return
         if not run.uses_node:
             await self._collect_saved_files(run, completion)
-        await self.db(Journal.set_state, job.prompt_id, JobState.UPLOADING,
-                      executed_at=job.executed_at, started_at=job.started_at,
-                      expected_images=len(run.uploads))
+        await self.db(
+            Journal.set_state,
+            job.prompt_id,
+            JobState.UPLOADING,
+            executed_at=job.executed_at,
+            started_at=job.started_at,
+            expected_images=len(run.uploads),
+        )
         job.state = JobState.UPLOADING
         await self._finish_uploads(run)
 
@@ -402,9 +448,12 @@ class Courier:
             return
         outputs = [r for r in results if isinstance(r, Output)]
         if not outputs:
-            await self._finish(run, ErrorType.EXECUTION,
-                               "the workflow finished without producing an image "
-                               "(add a SaveAndCallback or SaveImage node)")
+            await self._finish(
+                run,
+                ErrorType.EXECUTION,
+                "the workflow finished without producing an image "
+                "(add a SaveAndCallback or SaveImage node)",
+            )
             return
         await self._finish(run, None, None, outputs=outputs)
 
@@ -417,7 +466,7 @@ class Courier:
             except (OSError, ValueError) as e:
                 failed: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
                 failed.set_exception(StorageError(f"cannot read {saved.path.name}: {e}", False))
-                run.uploads.append(failed)  # type: ignore[arg-type]
+                run.uploads.append(failed)
                 continue
             self._start_upload(run, saved.node_id, saved.index, image.data, image, saved.path)
 
@@ -426,8 +475,10 @@ class Courier:
             if event == "execution_error":
                 node = data.get("node_id")
                 where = f"{data.get('node_type', 'node')} (node {node})" if node else "a node"
-                message = f"{where} failed: {data.get('exception_type', 'Error')}: " \
-                          f"{data.get('exception_message', '')}".strip()
+                message = (
+                    f"{where} failed: {data.get('exception_type', 'Error')}: "
+                    f"{data.get('exception_message', '')}".strip()
+                )
                 return ErrorType.EXECUTION, message, str(node) if node is not None else None
             if event == "execution_interrupted":
                 node = data.get("node_id")
@@ -444,13 +495,19 @@ class Courier:
         run.job.started_at = started_at or self.clock()
         if self.status_updates is not None:
             self.status_updates.update(run.job, "running", 0.0)
-        await self.db(Journal.set_state, run.job.prompt_id, JobState.RUNNING,
-                      started_at=run.job.started_at)
-        log.info("[courier] running id=%s prompt=%s", run.job.content_request_id,
-                 run.job.prompt_id)
+        await self.db(
+            Journal.set_state, run.job.prompt_id, JobState.RUNNING, started_at=run.job.started_at
+        )
+        log.info("[courier] running id=%s prompt=%s", run.job.content_request_id, run.job.prompt_id)
 
-    async def _finish(self, run: Run, error_type: ErrorType | None, message: str | None,
-                      node_id: str | None = None, outputs: list[Output] | None = None) -> bool:
+    async def _finish(
+        self,
+        run: Run,
+        error_type: ErrorType | None,
+        message: str | None,
+        node_id: str | None = None,
+        outputs: list[Output] | None = None,
+    ) -> bool:
         """Commit the final state and its callback event, once. False if already final."""
         job = run.job
         outputs = sorted(outputs or [], key=lambda o: (_node_order(o.node_id), o.index))
@@ -464,24 +521,41 @@ class Courier:
         event = None
         if self.settings.callback_url is not None:
             body = json.dumps(callback_body(job), separators=(",", ":")).encode()
-            event = OutboxEvent(f"msg_{uuid.uuid4().hex}", job.content_request_id, job.attempt,
-                                body, 0, job.finished_at)
+            event = OutboxEvent(
+                f"msg_{uuid.uuid4().hex}",
+                job.content_request_id,
+                job.attempt,
+                body,
+                0,
+                job.finished_at,
+            )
         if self.status_updates is not None:
             self.status_updates.close(job)  # nothing intermediate after the final event
         finished = await self.db(Journal.finish, job, event)
         self._runs.pop(job.prompt_id, None)
         if not finished:
             return False
-        self.metrics.jobs_final.labels(job.state.value,
-                                       error_type.value if error_type else "").inc()
+        self.metrics.jobs_final.labels(
+            job.state.value, error_type.value if error_type else ""
+        ).inc()
         self.metrics.job_duration.observe(max(0.0, job.finished_at - job.created_at))
         if error_type is None:
-            log.info("[courier] success id=%s attempt=%s prompt=%s images=%d",
-                     job.content_request_id, job.attempt, job.prompt_id, len(job.image_urls))
+            log.info(
+                "[courier] success id=%s attempt=%s prompt=%s images=%d",
+                job.content_request_id,
+                job.attempt,
+                job.prompt_id,
+                len(job.image_urls),
+            )
         else:
-            log.warning("[courier] error id=%s attempt=%s prompt=%s type=%s: %s",
-                        job.content_request_id, job.attempt, job.prompt_id, error_type.value,
-                        message)
+            log.warning(
+                "[courier] error id=%s attempt=%s prompt=%s type=%s: %s",
+                job.content_request_id,
+                job.attempt,
+                job.prompt_id,
+                error_type.value,
+                message,
+            )
         if event is not None and self.deliverer is not None:
             self.deliverer.wake()
         return True
@@ -513,13 +587,17 @@ class Courier:
                 if now - started > self.settings.job_timeout:
                     self.comfy.interrupt(prompt_id)
                     run.completed = True
-                    await self._finish(run, ErrorType.TIMEOUT,
-                                       f"ran longer than {self.settings.job_timeout:g} s "
-                                       "(COURIER_JOB_TIMEOUT); interrupted")
+                    await self._finish(
+                        run,
+                        ErrorType.TIMEOUT,
+                        f"ran longer than {self.settings.job_timeout:g} s "
+                        "(COURIER_JOB_TIMEOUT); interrupted",
+                    )
             elif prompt_id not in snapshot.pending and prompt_id not in self._done_seen:
                 run.completed = True
-                await self._finish(run, ErrorType.CANCELLED,
-                                   "removed from ComfyUI's queue before it ran")
+                await self._finish(
+                    run, ErrorType.CANCELLED, "removed from ComfyUI's queue before it ran"
+                )
 
     # -- recovery -----------------------------------------------------------------------
 
@@ -535,16 +613,20 @@ class Courier:
         workflow = json.loads(job.workflow)
         run = Run(job, intake.uses_courier_node(workflow), completed=True)
         if job.state is JobState.UPLOADING and await self._resume_uploads(run):
-            log.info("[courier] recovered uploads id=%s attempt=%s", job.content_request_id,
-                     job.attempt)
+            log.info(
+                "[courier] recovered uploads id=%s attempt=%s", job.content_request_id, job.attempt
+            )
             self._spawn(self._finish_uploads(run))
             return
         if job.runs >= self.settings.max_attempts:
             self._runs[job.prompt_id] = run
-            await self._finish(run, ErrorType.LOST,
-                               f"ComfyUI stopped while this job was {job.state.value} "
-                               f"({job.runs} run(s); COURIER_MAX_ATTEMPTS="
-                               f"{self.settings.max_attempts})")
+            await self._finish(
+                run,
+                ErrorType.LOST,
+                f"ComfyUI stopped while this job was {job.state.value} "
+                f"({job.runs} run(s); COURIER_MAX_ATTEMPTS="
+                f"{self.settings.max_attempts})",
+            )
             return
         old_prompt_id = job.prompt_id
         job.prompt_id = str(uuid.uuid4())
@@ -553,16 +635,24 @@ class Courier:
         except WorkflowRejected as e:
             job.prompt_id = old_prompt_id
             self._runs[job.prompt_id] = run
-            await self._finish(run, ErrorType.VALIDATION,
-                               f"resubmission after a restart failed validation: {e.message}")
+            await self._finish(
+                run,
+                ErrorType.VALIDATION,
+                f"resubmission after a restart failed validation: {e.message}",
+            )
             return
         await self.db(Journal.resubmitted, old_prompt_id, job.prompt_id, self.clock())
         job.runs += 1
         job.state = JobState.QUEUED
         job.started_at = job.executed_at = None
         self._enqueue(job, prompt, outputs, run.uses_node)
-        log.info("[courier] resubmitted id=%s attempt=%s prompt=%s run=%s",
-                 job.content_request_id, job.attempt, job.prompt_id, job.runs)
+        log.info(
+            "[courier] resubmitted id=%s attempt=%s prompt=%s run=%s",
+            job.content_request_id,
+            job.attempt,
+            job.prompt_id,
+            job.runs,
+        )
 
     async def _resume_uploads(self, run: Run) -> bool:
         """Upload what the dead process had not; False when a saved file is missing."""
@@ -579,14 +669,15 @@ class Courier:
             except OSError:
                 return False
             if not run.uses_node:
-                data = (await asyncio.to_thread(sanitize_file, data,
-                                                self.settings.keep_metadata)).data
+                data = (
+                    await asyncio.to_thread(sanitize_file, data, self.settings.keep_metadata)
+                ).data
             pending.append((seq, output, data))
-        for seq, output in recorded:
-            if output.url:
+        for _, output in recorded:
+            if output.url:  # stored before the restart: not uploaded again
                 done: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
                 done.set_result(output)
-                run.uploads.append(done)  # type: ignore[arg-type]
+                run.uploads.append(done)
         for seq, output, data in pending:
             run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
         self._runs[job.prompt_id] = run
@@ -597,13 +688,15 @@ class Courier:
     async def metrics_text(self) -> bytes:
         snapshot = self.comfy.queue_snapshot()
         outbox = await self.db(Journal.outbox_counts)
-        return self.metrics.render({
-            "courier_unfinished_jobs": await self.db(Journal.count_unfinished),
-            "courier_comfy_queue_pending": len(snapshot.pending),
-            "courier_comfy_queue_running": len(snapshot.running),
-            "courier_outbox_pending": outbox.get("pending", 0),
-            "courier_outbox_dead": outbox.get("dead", 0),
-        })
+        return self.metrics.render(
+            {
+                "courier_unfinished_jobs": await self.db(Journal.count_unfinished),
+                "courier_comfy_queue_pending": len(snapshot.pending),
+                "courier_comfy_queue_running": len(snapshot.running),
+                "courier_outbox_pending": outbox.get("pending", 0),
+                "courier_outbox_dead": outbox.get("dead", 0),
+            }
+        )
 
     async def health(self) -> dict[str, Any]:
         snapshot = self.comfy.queue_snapshot()
@@ -633,4 +726,3 @@ class Courier:
 
 def _node_order(node_id: str) -> tuple[int, int | str]:
     return (0, int(node_id)) if node_id.isdigit() else (1, node_id)
-

@@ -185,7 +185,10 @@ class Deliverer:
             await self._db(Journal.record_delivery, event.event_id, "delivered", attempts, now)
             log.info(
                 "[courier] callback delivered id=%s attempt=%s event=%s tries=%s",
-                event.content_request_id, event.attempt, event.event_id, attempts,
+                event.content_request_id,
+                event.attempt,
+                event.event_id,
+                attempts,
             )
             return
         self.failures += 1
@@ -195,7 +198,10 @@ class Deliverer:
             )
             log.error(
                 "[courier] callback dead-lettered id=%s attempt=%s event=%s: receiver answered %s",
-                event.content_request_id, event.attempt, event.event_id, outcome.reason,
+                event.content_request_id,
+                event.attempt,
+                event.event_id,
+                outcome.reason,
             )
             return
         delay = self._schedule[min(attempts, len(self._schedule) - 1)]
@@ -205,18 +211,37 @@ class Deliverer:
         next_at = now + delay
         if next_at - event.created_at > self._horizon:
             await self._db(
-                Journal.record_delivery, event.event_id, "dead", attempts, now, None,
+                Journal.record_delivery,
+                event.event_id,
+                "dead",
+                attempts,
+                now,
+                None,
                 f"gave up after {attempts} tries: {outcome.reason}",
             )
             log.error(
-                "[courier] callback dead-lettered id=%s attempt=%s event=%s: retry horizon over (%s)",
-                event.content_request_id, event.attempt, event.event_id, outcome.reason,
+                "[courier] callback dead-lettered id=%s attempt=%s event=%s: "
+                "retry horizon over (%s)",
+                event.content_request_id,
+                event.attempt,
+                event.event_id,
+                outcome.reason,
             )
             return
         await self._db(
-            Journal.record_delivery, event.event_id, "pending", attempts, now, next_at, outcome.reason
+            Journal.record_delivery,
+            event.event_id,
+            "pending",
+            attempts,
+            now,
+            next_at,
+            outcome.reason,
         )
         log.warning(
             "[courier] callback try %s failed id=%s event=%s: %s; next in %.0f s",
-            attempts, event.content_request_id, event.event_id, outcome.reason, delay,
+            attempts,
+            event.content_request_id,
+            event.event_id,
+            outcome.reason,
+            delay,
         )

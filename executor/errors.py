@@ -20,7 +20,7 @@ class CourierError(Exception):
         self.details = details
 
     def body(self) -> dict[str, Any]:
-        """The JSON error body of the HTTP contract: `node_errors` at top level, as /prompt has it."""
+        """The JSON error body of the contract: `node_errors` at top level, as in /prompt."""
         node_errors = self.details.get("node_errors", {})
         error = {"type": self.type, "message": self.message}
         error.update({k: v for k, v in self.details.items() if k != "node_errors"})

@@ -110,12 +110,16 @@ def sanitize_file(data: bytes, keep_metadata: bool) -> EncodedImage:
     for _, content_type, extension in FORMATS.values():
         if extension == pil_format.lower().replace("jpeg", "jpg"):
             return EncodedImage(cleaned, content_type, extension, width, height)
-    return EncodedImage(cleaned, Image.MIME.get(pil_format, "application/octet-stream"),
-                        pil_format.lower(), width, height)
+    return EncodedImage(
+        cleaned,
+        Image.MIME.get(pil_format, "application/octet-stream"),
+        pil_format.lower(),
+        width,
+        height,
+    )
 
 
 def png_text_chunks(data: bytes) -> dict[str, str]:
     """The text chunks of a PNG (for tests and audits)."""
     with Image.open(io.BytesIO(data)) as image:
         return dict(getattr(image, "text", {}) or {})
-

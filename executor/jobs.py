@@ -122,7 +122,9 @@ def status_body(
         "attempt": job.attempt,
         "prompt_id": job.prompt_id,
         "state": job.state.value,
-        "queue_position": queue_position if job.state in (JobState.QUEUED, JobState.RUNNING) else None,
+        "queue_position": queue_position
+        if job.state in (JobState.QUEUED, JobState.RUNNING)
+        else None,
         "progress": progress,
         "image_url": job.image_urls[0] if job.image_urls else None,
         "image_urls": list(job.image_urls),

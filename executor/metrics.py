@@ -15,27 +15,42 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs_accepted = Counter(
-            "courier_jobs_accepted", "Jobs accepted (202)", registry=self.registry)
+            "courier_jobs_accepted", "Jobs accepted (202)", registry=self.registry
+        )
         self.jobs_rejected = Counter(
-            "courier_jobs_rejected", "Requests rejected, by HTTP status", ["status"],
-            registry=self.registry)
+            "courier_jobs_rejected",
+            "Requests rejected, by HTTP status",
+            ["status"],
+            registry=self.registry,
+        )
         self.jobs_final = Counter(
-            "courier_jobs_final", "Jobs finished, by final status and error type",
-            ["status", "error_type"], registry=self.registry)
+            "courier_jobs_final",
+            "Jobs finished, by final status and error type",
+            ["status", "error_type"],
+            registry=self.registry,
+        )
         self.job_duration = Histogram(
-            "courier_job_duration_seconds", "Acceptance to final state",
+            "courier_job_duration_seconds",
+            "Acceptance to final state",
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800),
-            registry=self.registry)
-        self.upload_bytes = Counter(
-            "courier_upload_bytes", "Bytes stored", registry=self.registry)
+            registry=self.registry,
+        )
+        self.upload_bytes = Counter("courier_upload_bytes", "Bytes stored", registry=self.registry)
         self.upload_duration = Histogram(
-            "courier_upload_duration_seconds", "One image upload, retries included",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+            "courier_upload_duration_seconds",
+            "One image upload, retries included",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
         self.upload_failures = Counter(
-            "courier_upload_failures", "Images that could not be stored", registry=self.registry)
+            "courier_upload_failures", "Images that could not be stored", registry=self.registry
+        )
         self.callback_attempts = Counter(
-            "courier_callback_attempts", "Final-callback delivery attempts, by outcome",
-            ["outcome"], registry=self.registry)
+            "courier_callback_attempts",
+            "Final-callback delivery attempts, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
 
         self.gauges = {
             name: Gauge(name, help_text, registry=self.registry)

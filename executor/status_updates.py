@@ -64,7 +64,11 @@ class StatusNotifier:
         }
         self._pending[key] = body
         state_changed = self._last_state.get(key) != state
-        wait = 0.0 if state_changed else self._interval - (self._clock() - self._last_sent.get(key, -1e9))
+        wait = (
+            0.0
+            if state_changed
+            else self._interval - (self._clock() - self._last_sent.get(key, -1e9))
+        )
         if key in self._sending or key in self._timers:
             return  # the pending body goes out when the current send or timer ends
         if wait <= 0:
@@ -102,7 +106,8 @@ class StatusNotifier:
         if key in self._pending and key not in self._timers:
             wait = self._interval - (self._clock() - self._last_sent.get(key, -1e9))
             self._timers[key] = asyncio.get_running_loop().call_later(
-                max(0.0, wait), self._send_pending, key)
+                max(0.0, wait), self._send_pending, key
+            )
 
     async def _send(self, body: dict[str, Any]) -> None:
         data = json.dumps(body, separators=(",", ":")).encode()
@@ -119,5 +124,8 @@ class StatusNotifier:
             self.sent += 1
         except httpx.HTTPError as e:
             self.failed += 1
-            log.debug("[courier] status update for %s not delivered: %s",
-                      body["content_request_id"], type(e).__name__)
+            log.debug(
+                "[courier] status update for %s not delivered: %s",
+                body["content_request_id"],
+                type(e).__name__,
+            )

@@ -2,5 +2,5 @@
 
 from .save_and_callback import SaveAndCallback
 
-NODE_CLASS_MAPPINGS = {"SaveAndCallback": SaveAndCallback}
+NODE_CLASS_MAPPINGS: dict[str, type] = {"SaveAndCallback": SaveAndCallback}
 NODE_DISPLAY_NAME_MAPPINGS = {"SaveAndCallback": "Save and Callback (courier)"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +35,41 @@ class SaveAndCallback:
                 "images": ("IMAGE", {"tooltip": "The images to save and deliver."}),
             },
             "optional": {
-                "filename_prefix": ("STRING", {
-                    "default": "courier",
-                    "tooltip": "Prefix of the files in ComfyUI's output folder; may contain a "
-                               "subfolder and %date:yyyy-MM-dd% like SaveImage.",
-                }),
-                "format": (list(FORMATS), {
-                    "default": "png",
-                    "tooltip": "png is lossless; webp and jpeg are far smaller for social media.",
-                }),
-                "quality": ("INT", {
-                    "default": 90, "min": 1, "max": 100, "step": 1,
-                    "tooltip": "Quality for webp and jpeg (ignored for png).",
-                }),
-                "content_request_id": ("STRING", {
-                    "default": "",
-                    "tooltip": "Filled in by /execute-workflow. Leave empty when running from "
-                               "the UI: images then go to storage under ui/<prompt_id>/ and no "
-                               "callback is sent.",
-                }),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "courier",
+                        "tooltip": "Prefix of the files in ComfyUI's output folder; may contain a "
+                        "subfolder and %date:yyyy-MM-dd% like SaveImage.",
+                    },
+                ),
+                "format": (
+                    list(FORMATS),
+                    {
+                        "default": "png",
+                        "tooltip": "png is lossless; webp and jpeg are far smaller for "
+                        "social media.",
+                    },
+                ),
+                "quality": (
+                    "INT",
+                    {
+                        "default": 90,
+                        "min": 1,
+                        "max": 100,
+                        "step": 1,
+                        "tooltip": "Quality for webp and jpeg (ignored for png).",
+                    },
+                ),
+                "content_request_id": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Filled in by /execute-workflow. Leave empty when running from "
+                        "the UI: images then go to storage under ui/<prompt_id>/ and no "
+                        "callback is sent.",
+                    },
+                ),
             },
         }
 
@@ -112,6 +127,3 @@ class SaveAndCallback:
             return None
         prompt = runtime.adapter.running_prompt(prompt_id)
         return {"prompt": json.dumps(prompt)} if prompt is not None else None
-
-
-

@@ -55,7 +55,11 @@ class SupabaseStorage:
             await bucket.upload(
                 key,
                 data,
-                file_options={"content-type": content_type, "upsert": "true", "cache-control": "3600"},
+                file_options={
+                    "content-type": content_type,
+                    "upsert": "true",
+                    "cache-control": "3600",
+                },
             )
             if self._url_mode == "signed":
                 signed = await bucket.create_signed_url(key, self._ttl)
@@ -68,7 +72,9 @@ class SupabaseStorage:
                 retryable=status in _RETRYABLE_STATUS or status.startswith("5"),
             ) from e
         except httpx.HTTPError as e:
-            raise StorageError(f"Supabase Storage unreachable: {type(e).__name__}: {e}", True) from e
+            raise StorageError(
+                f"Supabase Storage unreachable: {type(e).__name__}: {e}", True
+            ) from e
         except (ValueError, TypeError, KeyError) as e:
             # the client answers a non-JSON 5xx page with a decoding error
             raise StorageError(f"Supabase Storage answered unexpectedly: {e}", True) from e
