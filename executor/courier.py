@@ -85,7 +85,7 @@ class Courier:
         self.ready = asyncio.Event()
         self._runs: dict[str, Run] = {}
         self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
-        self._id_locks: dict[str, asyncio.Lock] = {}
+        self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, holders + waiters
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -124,13 +124,17 @@ class Courier:
     @asynccontextmanager
     async def _locked(self, content_request_id: str) -> AsyncIterator[None]:
         """Serialise requests for one id so concurrent duplicates never both run."""
-        lock = self._id_locks.setdefault(content_request_id, asyncio.Lock())
+        lock, users = self._id_locks.get(content_request_id, (asyncio.Lock(), 0))
+        self._id_locks[content_request_id] = (lock, users + 1)
         try:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and not getattr(lock, "_waiters", None):
-                self._id_locks.pop(content_request_id, None)
+            lock, users = self._id_locks[content_request_id]
+            if users == 1:
+                del self._id_locks[content_request_id]  # memory stays bounded by requests in flight
+            else:
+                self._id_locks[content_request_id] = (lock, users - 1)
 
     async def submit(self, request: intake.Request) -> tuple[int, dict[str, Any]]:
         """Accept a job (202), replay a duplicate (200), or raise the matching error."""

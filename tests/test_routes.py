@@ -211,3 +211,9 @@ async def test_health_has_no_secrets(make_harness):
     text = json.dumps(body)
     for secret in h.settings.secrets:
         assert secret not in text
+
+
+async def test_per_id_locks_do_not_accumulate(make_harness):
+    h = await make_harness(start_worker=False)
+    await asyncio.gather(*(h.post(model_free(), f"lk{i % 5}") for i in range(40)))
+    assert h.courier._id_locks == {}
