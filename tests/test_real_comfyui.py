@@ -101,8 +101,12 @@ async def wait_up(comfy: RealComfy, timeout: float = 180.0) -> None:
             if comfy.process.poll() is not None:
                 raise AssertionError(f"ComfyUI exited:\n{comfy.log.read_text()[-3000:]}")
             try:
-                if (await client.get(f"{comfy.url}/courier/health")).status_code == 200:
+                resp = await client.get(f"{comfy.url}/courier/health")
+                if resp.status_code == 200:
                     return
+                if resp.status_code == 404:  # ComfyUI serves, but our package did not load
+                    raise AssertionError(
+                        f"comfy-courier did not load:\n{comfy.log.read_text()[-3000:]}")
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.25)
