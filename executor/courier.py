@@ -372,25 +372,25 @@ class Courier:
     async def _upload_ui_run(
         self, prompt_id: str, node_id: str, images: list[tuple[EncodedImage, Path]]
     ) -> None:
-        urls = []
+        urls: list[str] = []
+        errors: list[str] = []
         for n, (image, _) in enumerate(images, start=1):
             key = f"ui/{prompt_id}/{node_id}-{n}.{image.extension}"
             try:
                 urls.append(await self._store(key, image.data, image.content_type))
                 log.info("[courier] UI run prompt=%s image stored: %s", prompt_id, urls[-1])
             except StorageError as e:
+                errors.append(e.message)
                 log.error("[courier] UI run prompt=%s upload failed: %s", prompt_id, e.message)
-        if urls:
-            self.comfy.notify_client(
-                prompt_id,
-                "comfy-courier.images",
-                {
-                    "prompt_id": prompt_id,
-                    "node_id": node_id,
-                    "content_request_id": "",
-                    "urls": urls,
-                },
-            )
+        data: dict[str, Any] = {
+            "prompt_id": prompt_id,
+            "node_id": node_id,
+            "content_request_id": "",
+            "urls": urls,
+        }
+        if errors:
+            data["error"] = errors[0]
+        self.comfy.notify_client(prompt_id, "comfy-courier.images", data)
 
     # -- completion ---------------------------------------------------------------------
 

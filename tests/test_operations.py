@@ -65,3 +65,18 @@ async def test_ui_run_tells_the_browser_that_queued_it(make_harness):
     [(event, data, sid)] = h.comfy.sent
     assert event == "comfy-courier.images" and sid == "browser-tab-1"
     assert data["prompt_id"] == "ui-p" and data["node_id"] == "2" and len(data["urls"]) == 1
+
+
+async def test_ui_run_upload_failure_is_shown_to_the_browser(make_harness):
+    from conftest import SERVICE_KEY
+
+    h = await make_harness(with_receiver=False,
+                           env={"SUPABASE_URL": "http://127.0.0.1:9",
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+    h.comfy.prompt_queue.put((51, "ui-f", model_free(), {"client_id": "tab-2"}, ["2"]))
+    for _ in range(500):
+        if h.comfy.sent:
+            break
+        await asyncio.sleep(0.01)
+    [(event, data, sid)] = h.comfy.sent
+    assert sid == "tab-2" and data["urls"] == [] and "unreachable" in data["error"]

@@ -1,0 +1,185 @@
+"""End to end: request -> callback through the courier vs plain ComfyUI + upload + 3 ms.
+
+Target (issue 7): request->callback p50 for the model-free sample workflow stays within
+plain ComfyUI's request->history-entry p50 (the same graph with SaveImage, POST /prompt)
++ the p50 of one upload of the same image to the same storage + 3 ms, all in one run.
+
+Method: one server (courier storage = the fake Supabase Storage server in peers.py, callbacks
+to the receiver in peers.py, which stamps each arrival with time.monotonic()). Each
+iteration runs, in random order and one at a time on an idle server:
+- courier: POST /execute-workflow (model-free.json, SaveAndCallback) -> callback arrival;
+- plain:   POST /prompt (the same graph with SaveImage) -> the websocket's `executing`
+           node=None message, which ComfyUI sends right after task_done wrote the history
+           entry;
+- upload:  SupabaseStorage.put of the same 64x64 PNG to the same storage server, from
+           this process (the courier's own storage class).
+Each request uses a new EmptyImage colour so neither graph is served from ComfyUI's cache.
+
+    python benchmarks/bench_e2e.py [--quick] [--standin] [--iterations N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    BUCKET, COURIER_HEADERS, SERVICE_KEY, HistoryWatcher, RawClient, TempDir, base_parser, patch_names,
+    comfy_dir_of, courier_body, p50, pct, print_header, prompt_body, start_peers, start_server,
+    table, unique_id, use_repo_package, verdict, workflow, write_json)
+
+CLIENT_ID = "bench-e2e-plain"
+
+
+async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str, list[float]]:
+    use_repo_package()
+    import numpy as np
+
+    from comfy_courier.executor.images import encode
+    from comfy_courier.executor.storage.supabase_storage import SupabaseStorage
+
+    storage = SupabaseStorage(peers.storage_url, SERVICE_KEY, BUCKET)
+    base = workflow("model-free.json")
+    plain_base = json.loads(json.dumps(base))
+    for node in plain_base.values():
+        if node["class_type"] == "SaveAndCallback":
+            node["class_type"] = "SaveImage"
+            node["inputs"] = {"images": node["inputs"]["images"],
+                              "filename_prefix": node["inputs"].get("filename_prefix", "ComfyUI")}
+    watcher = HistoryWatcher(url, CLIENT_ID)
+    await watcher.start()
+    client = RawClient(url)
+    out: dict[str, list[float]] = {"courier": [], "plain": [], "upload": []}
+    breakdown: list[dict[str, float]] = []
+    seen = len(peers.callbacks())
+    color = random.randrange(1 << 24)
+
+    async def courier_once() -> None:
+        nonlocal seen
+        wf = json.loads(json.dumps(base))
+        wf["1"]["inputs"]["color"] = next_color()
+        cid = unique_id("e2e")
+        t0 = time.monotonic()
+        status, raw = await client.request("POST", "/execute-workflow", courier_body(wf, cid),
+                                           COURIER_HEADERS)
+        if status != 202:
+            raise RuntimeError(f"/execute-workflow -> {status}: {raw[:300]!r}")
+        deadline = t0 + 60
+        while True:
+            new = peers.callbacks(seen)
+            mine = [cb for cb in new if cb["cid"] == cid]
+            if mine:
+                seen += len(new)
+                cb = mine[0]
+                if cb["status"] != "success":
+                    raise RuntimeError(f"courier job failed: {cb['body']}")
+                out["courier"].append(cb["t"] - t0)
+                breakdown.append(cb["body"].get("timings", {}))
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no callback for {cid}")
+            await asyncio.sleep(0.005)
+
+    async def plain_once() -> None:
+        wf = json.loads(json.dumps(plain_base))
+        wf["1"]["inputs"]["color"] = next_color()
+        t0 = time.monotonic()
+        status, raw = await client.request("POST", "/prompt", prompt_body(wf, CLIENT_ID))
+        if status != 200:
+            raise RuntimeError(f"/prompt -> {status}: {raw[:300]!r}")
+        done = await watcher.wait(json.loads(raw)["prompt_id"])
+        out["plain"].append(done - t0)
+
+    async def upload_once() -> None:
+        pixels = np.full((64, 64, 3), next_color() & 0xFF, dtype=np.uint8)
+        image = encode(pixels, "png", 90)
+        t0 = time.monotonic()
+        await storage.put(f"bench/{unique_id('up')}.png", image.data, image.content_type)
+        out["upload"].append(time.monotonic() - t0)
+
+    def next_color() -> int:
+        nonlocal color
+        color = (color + 7919) % (1 << 24)
+        return color
+
+    try:
+        for _ in range(3):  # warm-up: connections, the storage client, first-run costs
+            for step in (courier_once, plain_once, upload_once):
+                await step()
+                await asyncio.sleep(gap)
+        for key in out:
+            out[key].clear()
+        breakdown.clear()
+        for _ in range(iterations):
+            steps = [courier_once, plain_once, upload_once]
+            random.shuffle(steps)
+            for step in steps:
+                await step()
+                await asyncio.sleep(gap)
+    finally:
+        await client.close()
+        await watcher.close()
+    out["breakdown"] = breakdown  # type: ignore[assignment]
+    return out
+
+
+def main() -> int:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int)
+    args = parser.parse_args()
+    comfy = comfy_dir_of(args)
+    iterations = args.iterations or (25 if args.quick else 100)
+    facts = print_header("end to end: request -> callback vs plain ComfyUI + upload + 3 ms",
+                         "courier p50 <= plain p50 + upload p50 + 3 ms", args)
+    with TempDir(args.keep, "bench-e2e-") as tmp:
+        peers = start_peers(tmp / "peers.log")
+        server = start_server(tmp / "server", comfy, {
+            "COURIER_STORAGE": "supabase",
+            "SUPABASE_URL": peers.storage_url,
+            "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+            "COURIER_CALLBACK_URL": peers.callback_url,
+        }, patches=patch_names(args))
+        try:
+            server.wait_up()
+            res = asyncio.run(measure(server.url, peers, iterations, 0.05))
+        finally:
+            server.stop()
+            peers.stop()
+    c, p, u = res["courier"], res["plain"], res["upload"]
+    budget = p50(p) + p50(u) + 0.003
+    ratio = p50(c) / budget
+    print(table(["path", "p50", "p90", "n"], [
+        ["courier: POST /execute-workflow -> callback", f"{p50(c) * 1000:.2f} ms",
+         f"{pct(c, 90) * 1000:.2f} ms", len(c)],
+        ["plain: POST /prompt (SaveImage) -> history", f"{p50(p) * 1000:.2f} ms",
+         f"{pct(p, 90) * 1000:.2f} ms", len(p)],
+        ["upload of the same PNG (SupabaseStorage.put)", f"{p50(u) * 1000:.2f} ms",
+         f"{pct(u, 90) * 1000:.2f} ms", len(u)],
+        ["budget: plain + upload + 3 ms", f"{budget * 1000:.2f} ms", "", ""],
+    ]))
+    bd: list[dict[str, float]] = res["breakdown"]  # type: ignore[assignment]
+    if bd:
+        parts = {k: p50([b[k] for b in bd if k in b])
+                 for k in ("queued_ms", "execution_ms", "upload_ms", "total_ms")}
+        print("   courier timings (callback body, p50): " +
+              ", ".join(f"{k}={v:.1f}" for k, v in parts.items()))
+    print(f"   courier - plain = {(p50(c) - p50(p)) * 1000:.2f} ms "
+          f"(allowed: upload {p50(u) * 1000:.2f} ms + 3 ms)")
+    print(f"RESULT e2e p50 ratio to budget {ratio:.2f}x (target <= 1.00x)  {verdict(ratio <= 1.0)}")
+    write_json(args, {"facts": facts, "iterations": iterations,
+                      "p50_ms": {"courier": p50(c) * 1000, "plain": p50(p) * 1000,
+                                 "upload": p50(u) * 1000, "budget": budget * 1000},
+                      "p90_ms": {"courier": pct(c, 90) * 1000, "plain": pct(p, 90) * 1000,
+                                 "upload": pct(u, 90) * 1000},
+                      "ratio": ratio, "breakdown": bd})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Intake: POST /execute-workflow against ComfyUI's own POST /prompt, same workflow, same host.
+
+Targets (issue 7):
+- p50 latency of POST /execute-workflow <= 1.0x POST /prompt's, with the job row committed to
+  the journal before the answer (checked for every measured request from a second SQLite
+  connection) and both validating the workflow;
+- sustained requests/second with 32 concurrent clients >= 0.8x /prompt's.
+
+Method: one server process; both endpoints get the same model-free workflow. Latency:
+requests one at a time, the two endpoints interleaved in random order, with a pause after
+each so the job it queued has run (both run the same graph: /prompt's SaveAndCallback runs as
+a UI run) and the server is idle again. Throughput: 32 keep-alive connections sending
+back-to-back for a fixed time; endpoint phases alternate (P C C P ...), each starting on an
+empty queue (the queue is drained between phases). ComfyUI's worker keeps executing the
+queued jobs during a phase, as it would in production. COURIER_MAX_QUEUE is raised so no
+request is refused with 429; callbacks go to a receiver in another process.
+
+    python benchmarks/bench_intake.py [--quick] [--standin] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    COURIER_HEADERS, JournalReader, RawClient, TempDir, base_parser, comfy_dir_of, patch_names, courier_body,
+    p50, pct, print_header, prompt_body, start_peers, start_server, table, unique_id, verdict,
+    workflow, write_json)
+
+
+async def latency_phase(url: str, wf: dict[str, Any], n: int, gap: float,
+                        reader: JournalReader) -> dict[str, Any]:
+    client = RawClient(url)
+    prompt_raw = prompt_body(wf, "bench-intake")
+    lat: dict[str, list[float]] = {"prompt": [], "courier": []}
+    committed = checked = 0
+    bad: list[str] = []
+    for _ in range(n):
+        order = ["prompt", "courier"]
+        random.shuffle(order)
+        for kind in order:
+            if kind == "prompt":
+                body, path, headers, want = prompt_raw, "/prompt", {}, 200
+            else:
+                body = courier_body(wf, unique_id("lat"))
+                path, headers, want = "/execute-workflow", COURIER_HEADERS, 202
+            t0 = time.perf_counter()
+            status, raw = await client.request("POST", path, body, headers)
+            lat[kind].append(time.perf_counter() - t0)
+            if status != want:
+                bad.append(f"{path} -> {status}: {raw[:200]!r}")
+            elif kind == "courier":
+                checked += 1
+                committed += reader.committed(json.loads(raw)["prompt_id"])
+            await asyncio.sleep(gap)
+    await client.close()
+    return {"lat": lat, "committed": committed, "checked": checked, "bad": bad}
+
+
+async def load_phase(url: str, kind: str, wf: dict[str, Any], clients: int,
+                     duration: float) -> dict[str, Any]:
+    prompt_raw = prompt_body(wf, "bench-intake")
+    stop_at = time.perf_counter() + duration
+    counts = {"ok": 0, "other": 0}
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def one_client(i: int) -> None:
+        client = RawClient(url)
+        try:
+            while time.perf_counter() < stop_at:
+                if kind == "prompt":
+                    body, path, headers, want = prompt_raw, "/prompt", {}, 200
+                else:
+                    body = courier_body(wf, unique_id(f"load{i}"))
+                    path, headers, want = "/execute-workflow", COURIER_HEADERS, 202
+                t0 = time.perf_counter()
+                status, _ = await client.request("POST", path, body, headers)
+                t1 = time.perf_counter()
+                statuses[status] = statuses.get(status, 0) + 1
+                if t1 <= stop_at:
+                    lat.append(t1 - t0)
+                    counts["ok" if status == want else "other"] += 1
+        finally:
+            await client.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    elapsed = min(time.perf_counter(), stop_at) - start
+    return {"rps": counts["ok"] / elapsed, "ok": counts["ok"], "other": counts["other"],
+            "statuses": statuses, "p50": p50(lat), "p99": pct(lat, 99)}
+
+
+def main() -> int:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, help="latency samples per endpoint")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, help="seconds per throughput phase")
+    parser.add_argument("--rounds", type=int, help="throughput phases per endpoint")
+    args = parser.parse_args()
+    comfy = comfy_dir_of(args)
+    n = args.requests or (40 if args.quick else 300)
+    duration = args.duration or (2.0 if args.quick else 5.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    gap = 0.03 if comfy is None else 0.06
+    facts = print_header("intake: POST /execute-workflow vs ComfyUI's POST /prompt",
+                         "p50 latency <= 1.0x /prompt; req/s at 32 clients >= 0.8x /prompt", args)
+    wf = workflow("model-free.json")
+    with TempDir(args.keep, "bench-intake-") as tmp:
+        peers = start_peers(tmp / "peers.log")
+        server = start_server(tmp / "server", comfy, {
+            "COURIER_MAX_QUEUE": "1000000",
+            "COURIER_CALLBACK_URL": peers.callback_url,
+            "COURIER_CALLBACK_API_KEY": "bench-callback-key-0123456789abcdef",
+        }, patches=patch_names(args))
+        reader = JournalReader(server.db)
+        try:
+            server.wait_up()
+            asyncio.run(latency_phase(server.url, wf, 10, gap, reader))  # warm-up
+            server.drain()
+            lat = asyncio.run(latency_phase(server.url, wf, n, gap, reader))
+            server.drain()
+            phases: dict[str, list[dict[str, Any]]] = {"prompt": [], "courier": []}
+            order: list[str] = []
+            for r in range(rounds):
+                order += ["prompt", "courier"] if r % 2 == 0 else ["courier", "prompt"]
+            for kind in order:
+                result = asyncio.run(load_phase(server.url, kind, wf, args.clients, duration))
+                result["drain_s"] = server.drain()
+                phases[kind].append(result)
+                print(f"   phase {kind:8s} {result['rps']:7.1f} req/s  ok={result['ok']} "
+                      f"other={result['other']} statuses={result['statuses']} "
+                      f"p50={result['p50'] * 1000:.1f} ms p99={result['p99'] * 1000:.1f} ms "
+                      f"(queue drained in {result['drain_s']:.1f} s)")
+        finally:
+            reader.close()
+            server.stop()
+            peers.stop()
+    lp, lc = lat["lat"]["prompt"], lat["lat"]["courier"]
+    lat_ratio = p50(lc) / p50(lp)
+    rps_p = p50([r["rps"] for r in phases["prompt"]])
+    rps_c = p50([r["rps"] for r in phases["courier"]])
+    rps_ratio = rps_c / rps_p
+    print(table(["endpoint", "p50", "p90", "p99", "req/s @%d" % args.clients], [
+        ["POST /prompt", f"{p50(lp) * 1000:.2f} ms", f"{pct(lp, 90) * 1000:.2f} ms",
+         f"{pct(lp, 99) * 1000:.2f} ms", f"{rps_p:.1f}"],
+        ["POST /execute-workflow", f"{p50(lc) * 1000:.2f} ms", f"{pct(lc, 90) * 1000:.2f} ms",
+         f"{pct(lc, 99) * 1000:.2f} ms", f"{rps_c:.1f}"],
+    ]))
+    print(f"   journal rows committed before the 202: {lat['committed']}/{lat['checked']}"
+          + (f"; unexpected answers: {lat['bad'][:3]}" if lat["bad"] else ""))
+    ok_lat = lat_ratio <= 1.0 and lat["committed"] == lat["checked"]
+    ok_rps = rps_ratio >= 0.8
+    print(f"RESULT intake p50 ratio      {lat_ratio:.2f}x (target <= 1.00x)  {verdict(ok_lat)}")
+    print(f"RESULT intake req/s ratio    {rps_ratio:.2f}x (target >= 0.80x)  {verdict(ok_rps)}")
+    write_json(args, {"facts": facts, "n": n, "clients": args.clients, "duration": duration,
+                      "latency_p50_ms": {"prompt": p50(lp) * 1000, "courier": p50(lc) * 1000},
+                      "latency_p90_ms": {"prompt": pct(lp, 90) * 1000, "courier": pct(lc, 90) * 1000},
+                      "rps": {"prompt": rps_p, "courier": rps_c}, "phases": phases,
+                      "latency_ratio": lat_ratio, "rps_ratio": rps_ratio,
+                      "committed": lat["committed"], "checked": lat["checked"],
+                      "bad": lat["bad"][:10]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

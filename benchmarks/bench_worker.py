@@ -1,0 +1,160 @@
+"""Worker: slow storage must not slow ComfyUI's worker.
+
+Target (issue 7): with storage answering 600 ms late, the busy span of 20 back-to-back small
+jobs (first execution_start to last execution_success, from the timestamps in ComfyUI's
+history, status.messages) stays within 1.05x of the span with instant storage.
+
+Method: Supabase storage is the fake Storage server of tests/fakes/storage_server.py, in its
+own process (peers.py); its `delay_uploads` is switched between 0 and 0.6 s. Each batch posts
+20 jobs at once to /execute-workflow, waits for their 20 callbacks, then reads the 20 history
+entries. Batches alternate instant/slow in ABBA order; the ratio is median(slow spans) /
+median(instant spans). The callbacks' upload times are printed to show the delay was real.
+
+Jobs: real ComfyUI runs txt2img-sd15.json (tiny checkpoint, new seed per job) when the
+checkpoint exists, else model-free.json at 512x512; the stand-in runs
+EmptyImage 512x512 -> SlowNode 50 ms (GIL released, like GPU work) -> SaveAndCallback.
+
+    python benchmarks/bench_worker.py [--quick] [--standin] [--delay 0.6] [--jobs 20]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    COURIER_HEADERS, SERVICE_KEY, RawClient, TempDir, base_parser, comfy_dir_of, patch_names, courier_body,
+    history_span, http_json, p50, print_header, start_peers, start_server, table, unique_id,
+    verdict, workflow, write_json)
+
+
+def job_maker(comfy: Path | None, name: str) -> tuple[str, Callable[[int], dict[str, Any]]]:
+    if comfy is None:
+        def standin(i: int) -> dict[str, Any]:
+            return {
+                "1": {"class_type": "EmptyImage",
+                      "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": i}},
+                "2": {"class_type": "SlowNode", "inputs": {"images": ["1", 0], "seconds": 0.05}},
+                "3": {"class_type": "SaveAndCallback",
+                      "inputs": {"images": ["2", 0], "filename_prefix": "worker"}},
+            }
+        return "EmptyImage 512x512 -> SlowNode 50 ms -> SaveAndCallback (stand-in)", standin
+    checkpoint = comfy / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
+    if name == "txt2img" and checkpoint.exists():
+        base = workflow("txt2img-sd15.json")
+
+        def txt2img(i: int) -> dict[str, Any]:
+            wf = json.loads(json.dumps(base))
+            wf["3"]["inputs"]["seed"] = 1000 + i
+            return wf
+        return "txt2img-sd15.json (tiny checkpoint, 64x64, 2 steps; new seed per job)", txt2img
+    base = workflow("model-free.json")
+
+    def model_free(i: int) -> dict[str, Any]:
+        wf = json.loads(json.dumps(base))
+        wf["1"]["inputs"].update({"width": 512, "height": 512, "color": i})
+        return wf
+    return "model-free.json at 512x512 (new colour per job)", model_free
+
+
+async def run_batch(url: str, peers: Any, make: Callable[[int], dict[str, Any]], jobs: int,
+                    seq: int, timeout: float = 600.0) -> dict[str, Any]:
+    async def post(i: int) -> tuple[str, str]:
+        cid = unique_id("worker")
+        client = RawClient(url)
+        status, raw = await client.request("POST", "/execute-workflow",
+                                           courier_body(make(seq * 1000 + i), cid), COURIER_HEADERS)
+        await client.close()
+        if status != 202:
+            raise RuntimeError(f"POST /execute-workflow -> {status}: {raw[:300]!r}")
+        return cid, json.loads(raw)["prompt_id"]
+
+    posted = await asyncio.gather(*(post(i) for i in range(jobs)))
+    wanted = {cid for cid, _ in posted}
+    deadline = time.monotonic() + timeout
+    got: dict[str, dict[str, Any]] = {}
+    while len(got) < len(wanted):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(got)}/{jobs} callbacks after {timeout:.0f} s")
+        for cb in peers.callbacks():
+            if cb["cid"] in wanted:
+                got[cb["cid"]] = cb
+        await asyncio.sleep(0.1)
+    starts, ends, execs = [], [], []
+    for _, prompt_id in posted:
+        entry = http_json(f"{url}/history/{prompt_id}")[1][prompt_id]
+        start, end = history_span(entry)
+        if start is None or end is None:
+            raise RuntimeError(f"history of {prompt_id} lacks timestamps: {entry.get('status')}")
+        starts.append(start)
+        ends.append(end)
+        execs.append(end - start)
+    failed = [cb for cb in got.values() if cb["status"] != "success"]
+    uploads = [cb["body"].get("timings", {}).get("upload_ms") for cb in got.values()]
+    return {"span_ms": max(ends) - min(starts), "exec_sum_ms": sum(execs),
+            "upload_ms_p50": p50([u for u in uploads if u is not None]),
+            "failed": len(failed)}
+
+
+def main() -> int:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--delay", type=float, default=0.6, help="storage answer delay (s)")
+    parser.add_argument("--rounds", type=int, help="ABBA rounds (2 batches of each per round)")
+    parser.add_argument("--workflow", choices=["txt2img", "model-free"], default="txt2img",
+                        help="real ComfyUI only")
+    args = parser.parse_args()
+    comfy = comfy_dir_of(args)
+    rounds = args.rounds or (1 if args.quick else 3)
+    facts = print_header("worker: busy span of back-to-back jobs, slow vs instant storage",
+                         f"span with storage {args.delay * 1000:.0f} ms late <= 1.05x span "
+                         "with instant storage", args)
+    description, make = job_maker(comfy, args.workflow)
+    print(f"   jobs   : {args.jobs} per batch; {description}")
+    spans: dict[float, list[float]] = {0.0: [], args.delay: []}
+    rows = []
+    with TempDir(args.keep, "bench-worker-") as tmp:
+        peers = start_peers(tmp / "peers.log")
+        server = start_server(tmp / "server", comfy, {
+            "COURIER_STORAGE": "supabase",
+            "SUPABASE_URL": peers.storage_url,
+            "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+            "COURIER_CALLBACK_URL": peers.callback_url,
+        }, patches=patch_names(args))
+        try:
+            server.wait_up()
+            peers.set_delay(0.0)
+            asyncio.run(run_batch(server.url, peers, make, 3, 999))  # warm-up (model load)
+            order: list[float] = []
+            for _ in range(rounds):
+                order += [0.0, args.delay, args.delay, 0.0]
+            for seq, delay in enumerate(order):
+                peers.set_delay(delay)
+                result = asyncio.run(run_batch(server.url, peers, make, args.jobs, seq))
+                spans[delay].append(result["span_ms"])
+                rows.append([f"{delay * 1000:.0f} ms", f"{result['span_ms']:.0f} ms",
+                             f"{result['exec_sum_ms']:.0f} ms",
+                             f"{result['upload_ms_p50']:.0f} ms", result["failed"]])
+                server.drain()
+        finally:
+            server.stop()
+            peers.stop()
+    print(table(["storage delay", "busy span", "sum of job executions",
+                 "callback upload_ms p50", "failed"], rows))
+    fast, slow = p50(spans[0.0]), p50(spans[args.delay])
+    ratio = slow / fast
+    print(f"   median span: instant {fast:.0f} ms, {args.delay * 1000:.0f} ms late {slow:.0f} ms")
+    print(f"RESULT worker span ratio     {ratio:.3f}x (target <= 1.05x)  {verdict(ratio <= 1.05)}")
+    write_json(args, {"facts": facts, "jobs": args.jobs, "workflow": description,
+                      "spans_ms": {"instant": spans[0.0], "slow": spans[args.delay]},
+                      "ratio": ratio, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Command-line helpers: `python -m comfy_courier submit …` and `python -m comfy_courier listen …`.
+
+`submit` sends a workflow to a courier the way a web backend would (and can wait for the
+result), so a person can try a ComfyUI host without writing the backend first. `listen`
+is a local callback receiver that checks the key and Standard Webhooks signature exactly
+as the backend should, so a person can see what the courier sends before writing it.
+
+Importing this module starts nothing and reads no environment: both happen in `main()`.
+It needs no ComfyUI; `listen` (listener.py) needs aiohttp, always present beside ComfyUI,
+and is imported only when it runs so `submit` works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from .executor.intake import ID_PATTERN
+
+DEFAULT_URL = "http://127.0.0.1:8188"
+FINAL_STATES = ("success", "error")
+EXIT_OK, EXIT_JOB_ERROR, EXIT_REJECTED, EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+REQUEST_TIMEOUT = 30.0
+RETRYABLE_POLL_STATUSES = (502, 503, 504)  # a restarting ComfyUI or its proxy: keep waiting
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; reported as one line, exit code 2."""
+
+
+# -- submit ----------------------------------------------------------------------------
+
+
+def workflow_format(workflow: Any) -> str:
+    """Whether `workflow` is "api", "ui" or "unknown": say so before the courier refuses it."""
+    if not isinstance(workflow, dict) or not workflow:
+        return "unknown"
+    if isinstance(workflow.get("nodes"), list) and isinstance(workflow.get("links"), list):
+        return "ui"
+    if all(isinstance(node, dict) and "class_type" in node for node in workflow.values()):
+        return "api"
+    return "unknown"
+
+
+def load_workflow(path: Path) -> tuple[Any, str | None]:
+    """The workflow in `path`, and the id it names if the file is a whole request body.
+
+    Accepting a saved request body (`{"workflow_json", "content_request_id"}`) lets a
+    person replay exactly what their backend sent.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("workflow_json"), dict):
+        cid = data.get("content_request_id")
+        return data["workflow_json"], cid if isinstance(cid, str) else None
+    return data, None
+
+
+def new_request_id() -> str:
+    """A readable, unique id that is a valid storage path (the courier's id rule)."""
+    return f"cli-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def first_key(value: str | None) -> str | None:
+    """The first of a comma-separated key list: COURIER_API_KEY may hold several (rotation)."""
+    keys = [k.strip() for k in (value or "").split(",") if k.strip()]
+    return keys[0] if keys else None
+
+
+def endpoint(base_url: str, cid: str | None = None) -> str:
+    url = base_url.rstrip("/") + "/execute-workflow"
+    return f"{url}/{cid}" if cid else url
+
+
+def describe(body: Any) -> str:
+    """One line for a status body: what a person watching a job wants to see."""
+    if not isinstance(body, dict):
+        return str(body)
+    state = body.get("state", "?")
+    parts = [str(state)]
+    if state == "queued" and body.get("queue_position") is not None:
+        parts.append(f"(queue position {body['queue_position']})")
+    if state == "running" and isinstance(body.get("progress"), (int, float)):
+        parts.append(f"{body['progress']:.0%}")
+    if state == "success":
+        parts.append(" ".join(body.get("image_urls") or []) or str(body.get("image_url")))
+    if state == "error":
+        parts.append(f"[{body.get('error_type') or 'error'}] {body.get('error_message')}")
+    return " ".join(parts)
+
+
+def print_json(body: Any, out: TextIO) -> None:
+    print(json.dumps(body, indent=2, ensure_ascii=False), file=out, flush=True)
+
+
+def response_body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+async def run_submit(
+    args: argparse.Namespace,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    environ: Mapping[str, str] = os.environ,
+) -> int:
+    """POST the workflow; with --wait, poll until it is final. Returns the exit code."""
+    key = args.key or first_key(environ.get("COURIER_API_KEY"))
+    if not key:
+        raise UsageError("no API key: pass --key or set COURIER_API_KEY")
+    workflow, file_id = load_workflow(Path(args.workflow))
+    cid = args.id or file_id or new_request_id()
+    if not ID_PATTERN.fullmatch(cid):
+        raise UsageError(f"--id {cid!r}: use 1-128 of A-Z a-z 0-9 _ - (it becomes a storage path)")
+    kind = workflow_format(workflow)
+    if kind == "ui":
+        print(
+            f"warning: {args.workflow} is a UI-format workflow (it has 'nodes' and 'links'); "
+            "the courier runs API format only: in ComfyUI use Workflow > Export (API). "
+            "Sending it anyway.",
+            file=err,
+            flush=True,
+        )
+    elif kind == "unknown":
+        print(
+            f"warning: {args.workflow} does not look like an API-format workflow "
+            "({node_id: {class_type, inputs}}). Sending it anyway.",
+            file=err,
+            flush=True,
+        )
+
+    async with httpx.AsyncClient(
+        timeout=REQUEST_TIMEOUT, headers={"X-API-Key": key}, follow_redirects=False
+    ) as client:
+        url = endpoint(args.url)
+        print(f"POST {url}  content_request_id={cid}", file=err, flush=True)
+        try:
+            response = await client.post(
+                url, json={"workflow_json": workflow, "content_request_id": cid}
+            )
+        except httpx.HTTPError as e:
+            print(f"error: cannot reach {url}: {e!r}", file=err, flush=True)
+            return EXIT_REJECTED
+        body = response_body(response)
+        print(f"HTTP {response.status_code} {response.reason_phrase}", file=err, flush=True)
+        print_json(body, out)
+        if response.status_code not in (200, 202):
+            return EXIT_REJECTED
+        if not args.wait:
+            return EXIT_OK
+        return await wait_final(client, args.url, cid, body, args.timeout, args.interval, out, err)
+
+
+async def wait_final(
+    client: httpx.AsyncClient,
+    base_url: str,
+    cid: str,
+    body: Any,
+    timeout: float,
+    interval: float,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """Poll the status route until the job is final; a restarting host is waited for."""
+    deadline = time.monotonic() + timeout
+    url = endpoint(base_url, cid)
+    last = ""
+    polled = False  # the POST's answer is printed already
+    while True:
+        if isinstance(body, dict) and body.get("state") in FINAL_STATES:
+            if polled:
+                print_json(body, out)
+            print(f"final: {describe(body)}", file=err, flush=True)
+            return EXIT_OK if body["state"] == "success" else EXIT_JOB_ERROR
+        line = describe(body)
+        if line != last:
+            print(f"  {line}", file=err, flush=True)
+            last = line
+        if time.monotonic() >= deadline:
+            print(f"gave up after {timeout:g} s; the job goes on: GET {url}", file=err, flush=True)
+            return EXIT_WAIT_TIMEOUT
+        await asyncio.sleep(interval)
+        try:
+            response = await client.get(url)
+        except httpx.HTTPError as e:
+            last = f"cannot reach the courier ({type(e).__name__}); still waiting"
+            print(f"  {last}", file=err, flush=True)
+            continue
+        if response.status_code in RETRYABLE_POLL_STATUSES:
+            continue
+        if response.status_code != 200:
+            print(f"GET {url}: HTTP {response.status_code}", file=err, flush=True)
+            print_json(response_body(response), out)
+            return EXIT_REJECTED
+        body = response_body(response)
+        polled = True
+
+
+def split_list(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+async def run_listen(
+    args: argparse.Namespace,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    environ: Mapping[str, str] = os.environ,
+) -> int:
+    """Serve until cancelled (Ctrl-C)."""
+    from .listener import serve_listener  # aiohttp: only this command needs it
+
+    keys = split_list(args.key if args.key is not None else environ.get("COURIER_CALLBACK_API_KEY"))
+    secret_list = split_list(
+        args.secret if args.secret is not None else environ.get("COURIER_WEBHOOK_SECRET")
+    )
+    try:
+        listener = await serve_listener(
+            args.host, args.port, keys, secret_list, args.accept_bad, out
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    checks = [
+        f"key {'checked' if keys else 'not checked'}",
+        f"signature {'checked' if secret_list else 'not checked'}",
+    ]
+    print(f"listening on {listener.url} ({', '.join(checks)}); Ctrl-C stops", file=err, flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await listener.close()
+    return EXIT_OK
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m comfy_courier",
+        description="Helpers for comfy-courier: submit a workflow, or receive callbacks locally.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser(
+        "submit",
+        help="POST an API-format workflow to /execute-workflow",
+        description="POST an API-format workflow to a courier. Exit codes: 0 accepted (or "
+        "success with --wait), 1 the job ended in error, 2 rejected or "
+        "unreachable, 3 --timeout passed while waiting.",
+    )
+    submit.add_argument(
+        "workflow",
+        metavar="WORKFLOW.json",
+        help="API-format workflow (Workflow > Export (API)), or a saved "
+        "request body {workflow_json, content_request_id}",
+    )
+    submit.add_argument("--url", default=DEFAULT_URL, help=f"ComfyUI base URL ({DEFAULT_URL})")
+    submit.add_argument("--key", help="X-API-Key (default: first of $COURIER_API_KEY)")
+    submit.add_argument("--id", help="content_request_id (default: generated, cli-…)")
+    submit.add_argument("--wait", action="store_true", help="poll until success or error")
+    submit.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait with --wait (600)"
+    )
+    submit.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+
+    listen = commands.add_parser(
+        "listen",
+        help="receive callbacks locally and check their key and signature",
+        description="A local callback receiver: point COURIER_CALLBACK_URL at it. It prints "
+        "each request and answers 200, or 401 when a check fails.",
+    )
+    listen.add_argument("--port", type=int, required=True, help="port to listen on")
+    listen.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    listen.add_argument(
+        "--key",
+        help="expected X-API-Key, comma-separated for several (default: $COURIER_CALLBACK_API_KEY)",
+    )
+    listen.add_argument(
+        "--secret", help="whsec_… secret(s), comma-separated (default: $COURIER_WEBHOOK_SECRET)"
+    )
+    listen.add_argument(
+        "--accept-bad", action="store_true", help="answer 200 even when a check fails"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runner = run_submit if args.command == "submit" else run_listen
+    try:
+        return asyncio.run(runner(args))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REJECTED
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "listen" else EXIT_INTERRUPTED
