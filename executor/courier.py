@@ -709,7 +709,6 @@ class Courier:
         return {
             "ok": True,
             "ready": self.ready.is_set(),
-            "instance": self.instance,
             "queue": {
                 "comfy_running": len(snapshot.running),
                 "comfy_pending": len(snapshot.pending),

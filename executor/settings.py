@@ -133,6 +133,10 @@ class Settings:
             problems.append(f"COURIER_KEEP_METADATA={keep_raw!r} is not 0 or 1; using 0")
 
         callback_url = url("COURIER_CALLBACK_URL")
+        if callback_url and callback_url.startswith("http://") and not re.match(
+            r"^http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:|/|$)", callback_url
+        ):
+            problems.append("COURIER_CALLBACK_URL is plain http: callbacks and keys travel unencrypted")
         if callback_url is None and "COURIER_CALLBACK_URL" not in environ:
             problems.append("COURIER_CALLBACK_URL is not set: jobs run, results only by polling")
 

@@ -19,12 +19,11 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
-
 from comfy_courier.executor.intake import ID_PATTERN, MAX_DEPTH, MAX_NODES
 from comfy_courier.executor.journal import Journal
 from conftest import API_KEY, Harness, model_free
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 PROPERTY = settings(
     max_examples=150,
@@ -242,7 +241,7 @@ async def test_any_key_header_bytes_are_refused_without_a_500(idle, value):
         writer.write(b"POST /execute-workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
                      b"Content-Length: 2\r\nX-API-Key: " + value + b"\r\n\r\n{}")
         await writer.drain()
-        status_line = (await reader.readline()).split()
+        status_line = (await asyncio.wait_for(reader.readline(), 10)).split()
     finally:
         writer.close()
     assert len(status_line) >= 2, status_line

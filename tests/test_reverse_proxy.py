@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from comfy_courier.executor.settings import Settings
 from comfy_courier.executor.storage.local import LocalStorage
 from conftest import API_KEY, model_free

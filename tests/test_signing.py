@@ -13,14 +13,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-
 from comfy_courier.executor import signing
 from comfy_courier.executor.delivery import Deliverer
 from comfy_courier.executor.jobs import Job, JobState
 from comfy_courier.executor.journal import Journal, JournalThread, OutboxEvent
 from comfy_courier.executor.signing import signature_headers
 from conftest import CALLBACK_KEY, WEBHOOK_SECRET, Received, model_free
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 SIGNED = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
@@ -116,6 +115,19 @@ async def test_tampering_with_body_id_or_timestamp_fails(make_harness):
     for tampered_headers in (other_id, other_time):
         with pytest.raises(WebhookVerificationError, match="No matching signature"):
             verify(WEBHOOK_SECRET, body, tampered_headers)
+
+
+async def test_the_outbox_keeps_the_body_not_the_signed_headers(make_harness, tmp_path):
+    """Signatures are made per try; the journal holds nothing that could sign or replay."""
+    h = await make_harness(env={"COURIER_WEBHOOK_SECRET": WEBHOOK_SECRET})
+    await h.post(model_free(), "stored-1")
+    [received] = await h.receiver.wait_for(1)
+    await h.settle()
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("journal.sqlite3*"))
+    assert received.body in stored  # the exact bytes, re-sent as they are on every retry
+    for value in (received.headers["webhook-signature"].split(",", 1)[1], WEBHOOK_SECRET,
+                  WEBHOOK_SECRET.removeprefix("whsec_"), CALLBACK_KEY):
+        assert value.encode() not in stored
 
 
 # -- the Deliverer: each retry re-signed with a fresh timestamp, under the same id ---------
