@@ -75,7 +75,9 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
 def add_routes(
     routes: web.RouteTableDef, get_courier: Callable[[], Courier | None], settings: Settings
 ) -> None:
-    def guarded(handler: Callable[[web.Request, Courier], Awaitable[web.StreamResponse]]) -> Handler:
+    def guarded(
+        handler: Callable[[web.Request, Courier], Awaitable[web.StreamResponse]],
+    ) -> Handler:
         async def wrapper(request: web.Request) -> web.StreamResponse:
             try:
                 if not settings.api_keys:
@@ -94,18 +96,28 @@ def add_routes(
             except Exception:
                 log.exception("[courier] %s %s failed", request.method, request.path)
                 return web.json_response(
-                    {"error": {"type": "internal_error", "message": "internal error; see the "
-                               "ComfyUI log"}, "node_errors": {}},
+                    {
+                        "error": {
+                            "type": "internal_error",
+                            "message": "internal error; see the ComfyUI log",
+                        },
+                        "node_errors": {},
+                    },
                     status=500,
                 )
 
         return wrapper
 
     async def until_ready(courier: Courier) -> None:
+        if courier.ready.is_set():
+            return
+        waiter = asyncio.ensure_future(courier.ready.wait())
         try:
-            await asyncio.wait_for(courier.ready.wait(), READY_TIMEOUT)
-        except asyncio.TimeoutError as e:
-            raise Unavailable("comfy-courier is still starting; try again shortly") from e
+            await asyncio.wait({waiter}, timeout=READY_TIMEOUT)
+        finally:
+            waiter.cancel()
+        if not courier.ready.is_set():
+            raise Unavailable("comfy-courier is still starting; try again shortly")
 
     @routes.post("/execute-workflow")
     @guarded
@@ -140,7 +152,7 @@ def add_routes(
             given = request.headers.get("X-API-Key")
             bearer = request.headers.get("Authorization", "")
             if bearer.startswith("Bearer "):
-                given = given or bearer[len("Bearer "):]
+                given = given or bearer[len("Bearer ") :]
             if not key_matches(given, accepted):
                 raise Unauthorized("missing or invalid X-API-Key")
             courier = get_courier()
@@ -148,8 +160,9 @@ def add_routes(
                 raise Unavailable("comfy-courier failed to start; see the ComfyUI log")
         except CourierError as e:
             return error_response(e)
-        return web.Response(body=await courier.metrics_text(),
-                            headers={"Content-Type": METRICS_CONTENT_TYPE})
+        return web.Response(
+            body=await courier.metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
 
     @routes.get("/courier/health")
     async def health(request: web.Request) -> web.StreamResponse:

@@ -69,7 +69,7 @@ def build_courier(
     """Everything the courier needs, from settings; shared by ComfyUI start-up and tests."""
     path = settings.db_path or adapter.user_directory() / "courier" / "courier.sqlite3"
     db = JournalThread(lambda: Journal(path))
-    instance = adapter.instance_name()
+    instance = settings.instance or adapter.instance_name()
     deliverer = None
     if settings.callback_url:
         deliverer = Deliverer(
@@ -127,7 +127,7 @@ def setup() -> None:
         from .routes import add_routes
 
         add_routes(adapter.routes, lambda: _runtime.courier if _runtime else None, settings)
-        loop.call_soon(_start, courier)
+        adapter.on_server_start(lambda: _start(courier))
         log.info(
             "[courier] comfy-courier loaded (ComfyUI %s, storage %s, instance %s)",
             adapter.version or "unknown",

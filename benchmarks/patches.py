@@ -185,6 +185,8 @@ def _p2(courier_mod: ModuleType, delivery_mod: ModuleType, journal_mod: ModuleTy
         task = asyncio.ensure_future(self._deliver(event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # once tried, let the outbox loop plan the retry (if any) as it does after wake()
+        task.add_done_callback(lambda _: self.wake())
 
     Deliverer.deliver_now = deliver_now
     JobState = courier_mod.JobState

@@ -53,6 +53,7 @@ class ComfyAdapter:
         tls: bool = False,
         version: str | None = None,
         progress_hooks: Any = None,
+        worker_name: str = "prompt_worker",  # main.py's thread: "Thread-N (prompt_worker)"
     ) -> None:
         self.server = server
         self._progress_hooks = progress_hooks  # comfy.utils: PROGRESS_BAR_HOOK lives there
@@ -67,6 +68,8 @@ class ComfyAdapter:
         self._port = port
         self._tls = tls
         self._number_lock = threading.Lock()
+        self._worker_seen = False
+        self._worker_name = worker_name
         validate = getattr(execution, "validate_prompt", None)
         if validate is None or not inspect.iscoroutinefunction(validate):
             raise UnsupportedComfyUI(
@@ -215,6 +218,28 @@ class ComfyAdapter:
     def remove_pending(self, prompt_id: str) -> bool:
         return bool(self.queue.delete_queue_item(lambda item: item[1] == prompt_id))
 
+    def worker_alive(self) -> bool | None:
+        """Is ComfyUI's prompt worker thread alive? None until one has been seen.
+
+        Any exception in it kills it (in every version), after which nothing queued runs.
+        """
+        alive = any(self._worker_name in t.name for t in threading.enumerate())
+        if alive:
+            self._worker_seen = True
+        return alive if self._worker_seen else None
+
+    def on_server_start(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once ComfyUI serves: every custom node is loaded by then.
+
+        Custom nodes are imported while the loop runs (0.3.48+); starting earlier could
+        validate a resubmitted workflow before the nodes it uses are registered.
+        """
+
+        async def on_startup(app: Any) -> None:
+            callback()
+
+        self.server.app.on_startup.append(on_startup)
+
     def running_prompt(self, prompt_id: str) -> dict[str, Any] | None:
         with self.queue.mutex:
             for item in self.queue.currently_running.values():
@@ -236,6 +261,7 @@ class ComfyAdapter:
 
     def on_start(self, callback: Callable[[str], None]) -> None:
         """Call `callback(prompt_id)` on the worker thread when it takes a prompt to run."""
+        self.worker_alive()  # ComfyUI starts its worker before it serves: note it now
         queue = self.queue
         original = queue.get
         if getattr(original, _WRAPPED, False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 CLIENT_ID = "comfy-courier"
 WATCH_INTERVAL = 0.5
+JOURNAL_RETRY = (0.1, 0.5, 2.0, 5.0)  # waits between tries of a final-state write
+HEARTBEAT_INTERVAL = 15.0
+STALE_AFTER = 90.0  # an instance silent this long has its work adopted by a live one
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Run:
     uploads: list[asyncio.Future[Output]] = field(default_factory=list)
     next_seq: int = 1
     completed: bool = False
+    progress: float | None = None  # of the running sampler, from ComfyUI's progress bars
 
 
 class Courier:
@@ -97,9 +102,12 @@ class Courier:
         self.comfy.on_start(self._start_from_worker)
         self.comfy.on_progress(self._progress_from_worker)
         self.comfy.on_completion(self._completion_from_worker)
+        await self.db(Journal.heartbeat, self.instance, self.clock())
+        await self.adopt_orphans()
         await self.recover()
         self.ready.set()
         self._spawn(self._watch())
+        self._spawn(self._keep_alive())
         if self.deliverer is not None:
             self._spawn(self.deliverer.run())
 
@@ -184,15 +192,14 @@ class Courier:
     @staticmethod
     def _is_replay(existing: Job, request: intake.Request) -> bool:
         """True when `request` repeats a job that runs or succeeded (409 if it differs)."""
-        if existing.final and existing.state is not JobState.SUCCESS:
-            return False  # after an error, the same id starts a new attempt
         if existing.fingerprint != request.fingerprint:
             raise IdempotencyConflict(
                 f"content_request_id {existing.content_request_id!r} was already accepted with "
                 "a different workflow; use a new id for a new request",
                 content_request_id=existing.content_request_id,
             )
-        return True
+        # after a final error, the same request starts a new attempt
+        return not (existing.final and existing.state is not JobState.SUCCESS)
 
     async def _validated_prompt(
         self, job: Job, workflow: dict[str, Any]
@@ -236,10 +243,14 @@ class Courier:
         summary = await self.db(Journal.callback_summary, job.content_request_id, job.attempt)
         if summary is None:
             summary = CallbackSummary("pending" if self._will_call_back(job) else "none")
-        position = None
+        position = progress = None
         if not job.final:
             position = (snapshot or self.comfy.queue_snapshot()).position(job.prompt_id)
-        return status_body(job, summary, position)
+            run = self._runs.get(job.prompt_id)
+            progress = run.progress if run is not None else None
+            if progress is None and job.state is JobState.QUEUED:
+                progress = 0.0
+        return status_body(job, summary, position, progress)
 
     def _will_call_back(self, job: Job) -> bool:
         return self.settings.callback_url is not None and not job.final
@@ -257,6 +268,7 @@ class Courier:
                     state=job.state.value,
                 )
             if self.comfy.remove_pending(job.prompt_id):
+                run.completed = True
                 await self._finish(
                     run, ErrorType.CANCELLED, "cancelled before it ran (DELETE request)"
                 )
@@ -285,13 +297,16 @@ class Courier:
 
     def _progress_from_worker(self, prompt_id: str, fraction: float) -> None:
         """Called on the worker thread by ComfyUI's progress bars."""
-        if self.status_updates is not None and prompt_id in self._runs:
+        if prompt_id in self._runs:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._on_progress, prompt_id, fraction)
 
     def _on_progress(self, prompt_id: str, fraction: float) -> None:
         run = self._runs.get(prompt_id)
-        if run is not None and not run.completed and self.status_updates is not None:
+        if run is None or run.completed:
+            return
+        run.progress = fraction
+        if self.status_updates is not None:
             self.status_updates.update(run.job, "running", fraction)
 
     def _completion_from_worker(self, completion: Completion) -> None:
@@ -409,7 +424,11 @@ class Courier:
             job.started_at = job.executed_at
         try:
             await self._settle(run, completion)
-        except Exception as e:  # whatever breaks, the job still ends with one callback
+        except sqlite3.Error:
+            # the journal is failing: leave the job unfinished for the next start-up rather
+            # than report an outcome it did not have
+            log.exception("[courier] journal failed while finishing id=%s", job.content_request_id)
+        except Exception as e:  # whatever else breaks, the job still ends with one callback
             log.exception("[courier] finishing id=%s failed", job.content_request_id)
             await self._finish(run, ErrorType.EXECUTION, f"comfy-courier failed: {e!r}"[:500])
         finally:
@@ -512,38 +531,73 @@ class Courier:
         node_id: str | None = None,
         outputs: list[Output] | None = None,
     ) -> bool:
-        """Commit the final state and its callback event, once. False if already final."""
-        job = run.job
-        outputs = sorted(outputs or [], key=lambda o: (_node_order(o.node_id), o.index))
-        job.state = JobState.SUCCESS if error_type is None else JobState.ERROR
-        job.error_type = error_type
-        job.error_message = message
-        job.node_id = node_id
-        job.outputs = outputs
-        job.image_urls = [o.url for o in outputs if o.url]
-        job.finished_at = self.clock()
+        """Commit the final state and its callback event, once. False if already final.
+
+        The journal gets a snapshot; the live job changes only once the commit is done.
+        A journal that keeps failing leaves the job unfinished in memory and on disk: the
+        next start-up recovers it, so it is never reported with a made-up outcome.
+        """
+        run.completed = True
+        ordered = sorted(outputs or [], key=lambda o: (_node_order(o.node_id), o.index))
+        final = replace(
+            run.job,
+            state=JobState.SUCCESS if error_type is None else JobState.ERROR,
+            error_type=error_type,
+            error_message=message,
+            node_id=node_id,
+            outputs=ordered,
+            image_urls=[o.url for o in ordered if o.url],
+            finished_at=self.clock(),
+        )
         event = None
         if self.settings.callback_url is not None:
-            body = json.dumps(callback_body(job), separators=(",", ":")).encode()
+            body = json.dumps(callback_body(final), separators=(",", ":")).encode()
             event = OutboxEvent(
                 f"msg_{uuid.uuid4().hex}",
-                job.content_request_id,
-                job.attempt,
+                final.content_request_id,
+                final.attempt,
                 body,
                 0,
-                job.finished_at,
+                final.finished_at or 0.0,
             )
         if self.status_updates is not None:
-            self.status_updates.close(job)  # nothing intermediate after the final event
-        finished = await self.db(Journal.finish, job, event)
-        self._runs.pop(job.prompt_id, None)
+            self.status_updates.close(final)  # nothing intermediate after the final event
+        finished = await self._commit_final(final, event)
+        if finished is None:
+            return False
+        self._runs.pop(final.prompt_id, None)
+        run.job = final
         if not finished:
             return False
-        self.metrics.jobs_final.labels(
-            job.state.value, error_type.value if error_type else ""
-        ).inc()
-        self.metrics.job_duration.observe(max(0.0, job.finished_at - job.created_at))
-        if error_type is None:
+        self._report_final(final)
+        if event is not None and self.deliverer is not None:
+            self.deliverer.wake()
+        return True
+
+    async def _commit_final(self, final: Job, event: OutboxEvent | None) -> bool | None:
+        """Journal.finish with retries; None when the journal stays unwritable."""
+        for delay in (*JOURNAL_RETRY, None):
+            try:
+                return await self.db(Journal.finish, final, event)
+            except sqlite3.Error as e:
+                if delay is None:
+                    log.critical(
+                        "[courier] cannot record the end of id=%s attempt=%s (%s); it will be "
+                        "recovered at the next start",
+                        final.content_request_id,
+                        final.attempt,
+                        e,
+                    )
+                    return None
+                log.error("[courier] journal write failed (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+        return None
+
+    def _report_final(self, job: Job) -> None:
+        error = job.error_type.value if job.error_type else ""
+        self.metrics.jobs_final.labels(job.state.value, error).inc()
+        self.metrics.job_duration.observe(max(0.0, (job.finished_at or 0.0) - job.created_at))
+        if job.error_type is None:
             log.info(
                 "[courier] success id=%s attempt=%s prompt=%s images=%d",
                 job.content_request_id,
@@ -557,12 +611,9 @@ class Courier:
                 job.content_request_id,
                 job.attempt,
                 job.prompt_id,
-                error_type.value,
-                message,
+                error,
+                job.error_message,
             )
-        if event is not None and self.deliverer is not None:
-            self.deliverer.wake()
-        return True
 
     # -- watching the queue -------------------------------------------------------------
 
@@ -578,6 +629,9 @@ class Courier:
         """Notice jobs that started, ran too long, or vanished from ComfyUI's queue."""
         if not self._runs:
             return
+        if self.comfy.worker_alive() is False:
+            await self._worker_died()
+            return
         snapshot = self.comfy.queue_snapshot()
         now = self.clock()
         for prompt_id, run in list(self._runs.items()):
@@ -587,6 +641,10 @@ class Courier:
             if prompt_id in snapshot.running:
                 if job.state is JobState.QUEUED:
                     await self._mark_running(run)
+                if job.cancel_requested:
+                    # ComfyUI clears its interrupt flag when a prompt starts: a DELETE that
+                    # landed just before would be lost without asking again.
+                    self.comfy.interrupt(prompt_id)
                 started = job.started_at or now
                 if now - started > self.settings.job_timeout:
                     self.comfy.interrupt(prompt_id)
@@ -603,11 +661,45 @@ class Courier:
                     run, ErrorType.CANCELLED, "removed from ComfyUI's queue before it ran"
                 )
 
+    async def _worker_died(self) -> None:
+        """ComfyUI's prompt worker thread is gone: nothing queued will ever run."""
+        log.critical("[courier] ComfyUI's prompt worker thread died; restart ComfyUI")
+        for run in list(self._runs.values()):
+            if not run.completed and run.job.state in (JobState.QUEUED, JobState.RUNNING):
+                await self._finish(
+                    run,
+                    ErrorType.LOST,
+                    "ComfyUI's prompt worker stopped (see its log); restart ComfyUI and retry",
+                )
+
+    async def _keep_alive(self) -> None:
+        """Heartbeat this instance; adopt the work of instances that went silent."""
+        beats = 0
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await self.db(Journal.heartbeat, self.instance, self.clock())
+                beats += 1
+                if beats % 4 == 0 and await self.adopt_orphans():
+                    await self.recover()
+            except Exception:
+                log.exception("[courier] heartbeat failed")
+
+    async def adopt_orphans(self) -> list[str]:
+        adopted = await self.db(Journal.adopt_stale, self.instance, self.clock(), STALE_AFTER)
+        for name in adopted:
+            log.warning("[courier] adopted the unfinished work of silent instance %s", name)
+        if adopted and self.deliverer is not None:
+            self.deliverer.wake()
+        return adopted
+
     # -- recovery -----------------------------------------------------------------------
 
     async def recover(self) -> None:
         """Finish or resubmit what a previous process of this instance left unfinished."""
         for job in await self.db(Journal.unfinished, self.instance):
+            if job.prompt_id in self._runs:
+                continue  # this process runs it
             try:
                 await self._recover(job)
             except Exception:
@@ -616,6 +708,14 @@ class Courier:
     async def _recover(self, job: Job) -> None:
         workflow = json.loads(job.workflow)
         run = Run(job, intake.uses_courier_node(workflow), completed=True)
+        if job.cancel_requested and job.state is not JobState.UPLOADING:
+            self._runs[job.prompt_id] = run
+            await self._finish(
+                run,
+                ErrorType.CANCELLED,
+                "cancelled while running (DELETE request); ComfyUI stopped before the prompt ended",
+            )
+            return
         if job.state is JobState.UPLOADING and await self._resume_uploads(run):
             log.info(
                 "[courier] recovered uploads id=%s attempt=%s", job.content_request_id, job.attempt

@@ -120,16 +120,21 @@ class Deliverer:
         while True:
             try:
                 await self.dispatch_due()
-                next_at = await self._db(Journal.next_due_at, self._instance)
+                next_at = await self._db(
+                    Journal.next_due_at, self._instance, tuple(self._in_flight)
+                )
             except Exception:  # a journal hiccup must not end delivery for good
                 log.exception("[courier] outbox pass failed; retrying in 5 s")
                 next_at = self._clock() + 5
             delay = 3600.0 if next_at is None else max(0.05, next_at - self._clock())
             self._wake.clear()
+            # asyncio.wait, not wait_for: on Python < 3.12 wait_for can swallow a
+            # cancellation that races with the event being set, and stop() would hang.
+            waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 3600.0))
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=min(delay, 3600.0))
+            finally:
+                waiter.cancel()
 
     async def dispatch_due(self, limit: int = 200) -> int:
         """Start sending every due event not already in flight; returns how many started."""
@@ -155,6 +160,8 @@ class Deliverer:
         try:
             async with self._slots:
                 if not await self._db(Journal.event_still_current, event.event_id):
+                    # a newer attempt of the same id exists: this event must never arrive
+                    await self._db(Journal.drop_event, event.event_id, self._clock())
                     return
                 outcome = await self._send(event)
                 await self._record(event, outcome)
@@ -162,6 +169,7 @@ class Deliverer:
             log.exception("[courier] delivering %s failed unexpectedly", event.event_id)
         finally:
             self._in_flight.discard(event.event_id)
+            self.wake()  # its next try may be due before the time the loop is waiting for
 
     async def _send(self, event: OutboxEvent) -> Outcome:
         headers = {"Content-Type": "application/json", "User-Agent": "comfy-courier"}

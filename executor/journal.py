@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (instance, next_attempt_at)
     WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS instances (
+    name TEXT PRIMARY KEY,
+    heartbeat_at REAL NOT NULL
+);
 """
 
 
@@ -134,10 +138,12 @@ class Journal:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A failed COMMIT (busy, disk full) must not leave the write lock held.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -315,6 +321,44 @@ class Journal:
             for r in rows
         ]
 
+    # -- instances ----------------------------------------------------------------------
+
+    def heartbeat(self, instance: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO instances (name, heartbeat_at) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (instance, now),
+            )
+
+    def adopt_stale(self, instance: str, now: float, stale_after: float) -> list[str]:
+        """Take over the unfinished jobs and pending callbacks of instances gone silent.
+
+        A ComfyUI whose name changed (a recreated container gets a new hostname) or that
+        never came back leaves work behind; a live sibling finishes it. One transaction, so
+        two adopters never both take the same instance.
+        """
+        with self._tx() as db:
+            stale = [
+                row[0]
+                for row in db.execute(
+                    "SELECT name FROM instances WHERE name != ? AND heartbeat_at < ?",
+                    (instance, now - stale_after),
+                )
+            ]
+            for name in stale:
+                db.execute(
+                    "UPDATE jobs SET instance = ? WHERE instance = ?"
+                    " AND state NOT IN ('success', 'error')",
+                    (instance, name),
+                )
+                db.execute(
+                    "UPDATE outbox SET instance = ? WHERE instance = ? AND state = 'pending'",
+                    (instance, name),
+                )
+                db.execute("DELETE FROM instances WHERE name = ?", (name,))
+        return stale
+
     # -- outbox -------------------------------------------------------------------------
 
     def due_events(self, instance: str, now: float, limit: int) -> list[OutboxEvent]:
@@ -325,10 +369,13 @@ class Journal:
         ).fetchall()
         return [self._event(r) for r in rows]
 
-    def next_due_at(self, instance: str) -> float | None:
+    def next_due_at(self, instance: str, in_flight: tuple[str, ...] = ()) -> float | None:
+        """When the next pending event not already being sent is due."""
+        marks = ",".join("?" * len(in_flight))
         row = self._db.execute(
-            "SELECT min(next_attempt_at) FROM outbox WHERE instance = ? AND state = 'pending'",
-            (instance,),
+            "SELECT min(next_attempt_at) FROM outbox WHERE instance = ? AND state = 'pending'"
+            + (f" AND event_id NOT IN ({marks})" if in_flight else ""),
+            (instance, *in_flight),
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
@@ -354,14 +401,16 @@ class Journal:
         with self._tx() as db:
             db.execute(
                 "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, updated_at = ?,"
-                " next_attempt_at = COALESCE(?, next_attempt_at) WHERE event_id = ?",
+                " next_attempt_at = COALESCE(?, next_attempt_at)"
+                " WHERE event_id = ? AND state = 'pending'",  # a dropped event stays dropped
                 (state, attempts, last_error, now, next_attempt_at, event_id),
             )
 
     def drop_event(self, event_id: str, now: float) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE outbox SET state = 'dropped', updated_at = ? WHERE event_id = ?",
+                "UPDATE outbox SET state = 'dropped', updated_at = ?"
+                " WHERE event_id = ? AND state = 'pending'",
                 (now, event_id),
             )
 

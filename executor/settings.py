@@ -42,6 +42,7 @@ class Settings:
     signed_url_ttl: int = 604800
     public_base_url: str | None = None
     db_path: Path | None = None
+    instance: str | None = None
     max_queue: int = 100
     job_timeout: float = 1800.0
     max_body_bytes: int = 10 * 1024 * 1024
@@ -133,10 +134,14 @@ class Settings:
             problems.append(f"COURIER_KEEP_METADATA={keep_raw!r} is not 0 or 1; using 0")
 
         callback_url = url("COURIER_CALLBACK_URL")
-        if callback_url and callback_url.startswith("http://") and not re.match(
-            r"^http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:|/|$)", callback_url
+        if (
+            callback_url
+            and callback_url.startswith("http://")
+            and not re.match(r"^http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:|/|$)", callback_url)
         ):
-            problems.append("COURIER_CALLBACK_URL is plain http: callbacks and keys travel unencrypted")
+            problems.append(
+                "COURIER_CALLBACK_URL is plain http: callbacks and keys travel unencrypted"
+            )
         if callback_url is None and "COURIER_CALLBACK_URL" not in environ:
             problems.append("COURIER_CALLBACK_URL is not set: jobs run, results only by polling")
 
@@ -156,6 +161,7 @@ class Settings:
             signed_url_ttl=int(number("COURIER_SIGNED_URL_TTL", 604800, 1, integer=True)),
             public_base_url=url("COURIER_PUBLIC_BASE_URL"),
             db_path=Path(db).expanduser() if db else None,
+            instance=text("COURIER_INSTANCE"),
             max_queue=int(number("COURIER_MAX_QUEUE", 100, 1, integer=True)),
             job_timeout=number("COURIER_JOB_TIMEOUT", 1800, 1),
             max_body_bytes=int(number("COURIER_MAX_BODY_MB", 10, 0.001) * 1024 * 1024),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
+import pytest
+
 from conftest import SERVICE_KEY, model_free
 
 
@@ -148,3 +150,86 @@ async def test_many_jobs_with_a_flaky_receiver_lose_nothing(make_harness, receiv
             break
         await asyncio.sleep(0.02)
     assert_one_event_each(receiver, [(c, 1) for c in cids])
+
+
+async def test_a_journal_write_failing_once_is_retried_not_reported(make_harness, receiver,
+                                                                   monkeypatch):
+    import sqlite3
+
+    from comfy_courier.executor import courier as courier_module
+    from comfy_courier.executor.journal import Journal
+
+    monkeypatch.setattr(courier_module, "JOURNAL_RETRY", (0.01, 0.01))
+    real_finish, calls = Journal.finish, []
+
+    def flaky_finish(self, job, event):
+        calls.append(job.state)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real_finish(self, job, event)
+
+    monkeypatch.setattr(Journal, "finish", flaky_finish)
+    h = await make_harness()
+    await h.post(model_free(), "jf1")
+    await receiver.wait_for(1)
+    await h.settle()
+    assert [b["status"] for b in receiver.bodies("jf1")] == ["success"]
+    assert len(calls) == 2
+
+
+async def test_cancelled_while_running_is_not_rerun_after_a_restart(make_harness, tmp_path,
+                                                                   receiver):
+    from test_job_outcomes import slow_workflow
+
+    first = await make_harness()
+    await first.post(slow_workflow(30, blocking=True), "cx1")
+    await first.wait_state("cx1", "running")
+    resp = await first.client.delete("/execute-workflow/cx1", headers={"X-API-Key": "x"})
+    assert resp.status == 401
+    from conftest import API_KEY
+
+    resp = await first.client.delete("/execute-workflow/cx1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 202
+    await first.courier.stop()  # ComfyUI dies before the stuck node returns
+
+    second = await make_harness(base=tmp_path / "comfy2")
+    final = await second.wait_final("cx1")
+    assert final["error_type"] == "cancelled"
+    assert second.comfy.prompt_queue.get_tasks_remaining() == 0
+    await receiver.wait_for(1)
+    await second.settle()
+    assert [b["error_type"] for b in receiver.bodies("cx1")] == ["cancelled"]
+
+
+async def test_work_of_a_silent_instance_is_adopted(make_harness, tmp_path, receiver):
+    from comfy_courier.executor.journal import Journal
+
+    gone = await make_harness(start_worker=False, port=8190)  # e.g. a recreated container
+    await gone.post(model_free(), "orphan1")
+    await gone.courier.stop()
+    gone.comfy.stop()
+    await gone.courier.db(Journal.heartbeat, gone.courier.instance, 0.0)  # long silent
+
+    live = await make_harness(base=tmp_path / "comfy2", port=8191)
+    final = await live.wait_final("orphan1")
+    assert final["state"] == "success"
+    await receiver.wait_for(1)
+    await live.settle()
+    assert_one_event_each(receiver, [("orphan1", 1)])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_dead_comfy_worker_ends_queued_jobs_as_lost(make_harness, receiver):
+    h = await make_harness(version="0.33.0")
+    # another extension puts an old-shape item on a 0.33 queue: ComfyUI's worker dies on it
+    h.comfy.prompt_queue.put((-1, "broken", {}, {}, []))
+    for _ in range(200):
+        if not h.comfy.worker_alive:
+            break
+        await asyncio.sleep(0.01)
+    assert not h.comfy.worker_alive
+    await h.post(model_free(), "dead1")
+    await receiver.wait_for(1)
+    await h.settle()
+    [body] = receiver.bodies("dead1")
+    assert body["error_type"] == "lost" and "worker" in body["error_message"]

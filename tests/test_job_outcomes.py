@@ -200,12 +200,12 @@ async def test_timeout_interrupts_and_reports_even_if_node_is_stuck(make_harness
     assert len(h.receiver.bodies("to1")) == 1
 
 
-async def test_new_attempt_after_error(make_harness):
-    h = await make_harness()
-    failing = with_node(model_free(), "3", "FailingNode")
-    failing["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}}
-    await h.post(failing, "re1")
-    await h.wait_final("re1")
+async def test_new_attempt_after_error(make_harness, storage_server):
+    h = await make_harness(env={"SUPABASE_URL": storage_server.url,
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+    storage_server.state.fail_next(3, status=503)  # attempt 1 cannot store its image
+    await h.post(model_free(), "re1")
+    assert (await h.wait_final("re1"))["error_type"] == "upload"
     status, body = await h.post(model_free(), "re1")
     assert status == 202 and body["attempt"] == 2
     final = await h.wait_final("re1")
@@ -214,7 +214,10 @@ async def test_new_attempt_after_error(make_harness):
     await h.settle()
     bodies = h.receiver.bodies("re1")
     assert [(b["attempt"], b["status"]) for b in bodies] == [(1, "error"), (2, "success")]
-    assert bodies[1]["image_url"].endswith("re1%2F2-1.png") or "2-1.png" in bodies[1]["image_url"]
+    assert bodies[1]["image_url"].endswith("/re1/2-1.png"), "a new attempt never reuses a URL"
+    # the same id with another workflow is a conflict, even after an error
+    status, body = await h.post(model_free(prefix="other"), "re1")
+    assert status == 409 and body["error"]["type"] == "idempotency_conflict"
 
 
 async def test_ui_run_uploads_under_ui_and_sends_no_callback(make_harness, storage_server):

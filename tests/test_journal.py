@@ -73,3 +73,23 @@ def test_due_events_and_delivery_records(journal):
     assert journal.due_events("host:8188", 5.0, 10) == []
     assert journal.next_due_at("host:8188") == 100.0
     assert journal.callback_summary("j1", 1).last_error == "HTTP 503"
+
+
+def test_a_dropped_event_stays_dropped(journal):
+    job = make_job()
+    journal.insert(job)
+    job.state, job.error_type, job.finished_at = JobState.ERROR, ErrorType.EXECUTION, 3.0
+    journal.finish(job, event())
+    journal.insert(make_job(attempt=2, prompt_id="p2"))  # drops attempt 1's event
+    journal.record_delivery("msg_1", "pending", 1, 4.0, 10.0, "HTTP 503")  # a late record
+    assert journal.outbox_counts() == {"dropped": 1}
+    assert journal.due_events("host:8188", 100.0, 10) == []
+
+
+def test_adopting_a_silent_instance_moves_its_unfinished_work(journal):
+    journal.heartbeat("old:8188", 0.0)
+    journal.heartbeat("live:8188", 100.0)
+    journal.insert(make_job("a", prompt_id="pa", instance="old:8188"))
+    assert journal.adopt_stale("live:8188", 100.0, 60.0) == ["old:8188"]
+    assert [j.content_request_id for j in journal.unfinished("live:8188")] == ["a"]
+    assert journal.adopt_stale("other:8188", 100.0, 60.0) == []  # taken once

@@ -295,6 +295,7 @@ class StandinComfy:
         )
         self.execution = execution
         self.port = port
+        self.worker_name = f"standin-{id(self):x} (prompt_worker)"
         self.utils = SimpleNamespace(PROGRESS_BAR_HOOK=None)  # comfy.utils
         self.sent: list[tuple[str, dict[str, Any], str | None]] = []  # send_sync messages
 
@@ -336,7 +337,7 @@ class StandinComfy:
 
         return ComfyAdapter(self, self.execution, self.folder_paths, get_executing_context,
                             self.interrupt_processing, port=self.port, version=self.version,
-                            progress_hooks=self.utils)
+                            progress_hooks=self.utils, worker_name=self.worker_name)
 
     # execution.validate_prompt
     async def validate_prompt(self, prompt_id: str, prompt: dict[str, Any],
@@ -395,7 +396,8 @@ class StandinComfy:
     # the worker
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._thread = threading.Thread(target=self._worker, name="standin-worker", daemon=True)
+        # named like ComfyUI's own ("Thread-N (prompt_worker)"): the adapter watches for it
+        self._thread = threading.Thread(target=self._worker, name=self.worker_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
