@@ -58,6 +58,12 @@ class RealComfy:
                                  json={"workflow_json": workflow, "content_request_id": cid})
 
 
+def require_tiny_checkpoint() -> None:
+    checkpoint = Path(COMFYUI_DIR or "") / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
+    if not checkpoint.exists():
+        pytest.skip(f"tiny checkpoint missing: run shared/tools/make_tiny_sd15.py ({checkpoint})")
+
+
 def load(name: str) -> dict:
     return json.loads((WORKFLOWS / name).read_text())
 
@@ -168,9 +174,7 @@ async def test_model_free_workflow_end_to_end(real_comfy, receiver):
 
 
 async def test_txt2img_end_to_end(real_comfy, receiver):
-    checkpoint = Path(COMFYUI_DIR or "") / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
-    if not checkpoint.exists():
-        pytest.skip(f"tiny checkpoint missing: run shared/tools/make_tiny_sd15.py ({checkpoint})")
+    require_tiny_checkpoint()
     async with httpx.AsyncClient(timeout=30) as client:
         for name, cid in (("txt2img-sd15.json", "real-txt2img"),
                           ("txt2img-sd15-saveimage.json", "real-saveimage")):
@@ -208,9 +212,7 @@ async def test_validation_errors_pass_through(real_comfy):
 
 
 async def test_sigkill_while_running_then_restart_loses_nothing(tmp_path, receiver):
-    checkpoint = Path(COMFYUI_DIR or "") / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
-    if not checkpoint.exists():
-        pytest.skip(f"tiny checkpoint missing: run shared/tools/make_tiny_sd15.py ({checkpoint})")
+    require_tiny_checkpoint()
     long_job = load("txt2img-sd15.json")
     long_job["3"]["inputs"]["steps"] = 150  # long enough to be killed mid-run
     port = free_port()
@@ -250,9 +252,7 @@ async def test_sigkill_while_running_then_restart_loses_nothing(tmp_path, receiv
 
 
 async def test_progress_updates_from_a_real_sampler(tmp_path, receiver):
-    checkpoint = Path(COMFYUI_DIR or "") / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
-    if not checkpoint.exists():
-        pytest.skip(f"tiny checkpoint missing: run shared/tools/make_tiny_sd15.py ({checkpoint})")
+    require_tiny_checkpoint()
     workflow = load("txt2img-sd15.json")
     workflow["3"]["inputs"]["steps"] = 20
     comfy = start_comfy(tmp_path, receiver.url, free_port(),
