@@ -98,7 +98,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="use the stand-in even when COMFYUI_DIR is set")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
-    parser.add_argument("--patched", nargs="?", const="P1,P2,P3,P4", default="",
+    parser.add_argument("--patched", nargs="?", const="P1,P2,P3,P4,P5", default="",
                         metavar="P1,P2,...",
                         help="apply the proposed fixes of patches.py inside the server first "
                              "(default: all of them)")

@@ -9,12 +9,20 @@ tooling only: nothing in the package imports this file.
   its callback summary is "pending" (callback configured) or "none". The observable order of
   the checks is unchanged (duplicate -> 429 -> validation error).
 - P2 deliver a fresh final event at once (Courier._finish, new Deliverer.deliver_now): the
-  event is in hand after Journal.finish commits; start its delivery task directly instead
-  of waking the outbox loop to read it back (Journal.due_events). The event_still_current
-  check before sending stays.
+  event is in hand once Journal.finish commits; start its delivery task directly instead of
+  waking the outbox loop to read it back (Journal.due_events + its wake-up). The
+  event_still_current check before sending stays; the loop is woken after the try, so a
+  retry is planned as before.
 - P3 callbacks over aiohttp instead of httpx (Deliverer._send): ~0.45 ms less per callback on
   loopback, measured with the same receiver; aiohttp is already in every ComfyUI.
 - P4 the first images row is written while the upload runs (Courier._upload), not before it.
+- P5 (with P1) intake's journal call on a connection and thread of its own
+  (Courier.__init__: `self.intake_db = JournalThread(opener)`), so a 202 no longer waits in
+  the FIFO behind the running jobs' writes (images, states, finish, deliveries). SQLite
+  serialises the two writers with its write lock (busy_timeout); each holds it < 1 ms.
+- P6 (instead of P5) intake's transaction runs on the event loop itself, on a connection of
+  its own with busy_timeout 20 ms and wal_autocheckpoint 0 (the journal thread keeps
+  checkpointing), falling back to the journal thread when the write lock stays busy.
 
 apply(names) patches the classes of an already imported comfy_courier package.
 """
@@ -33,7 +41,7 @@ from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ALL = ("P1", "P2", "P3", "P4")
+ALL = ("P1", "P2", "P3", "P4", "P5")
 log = logging.getLogger("comfy_courier.bench_patches")
 
 
@@ -66,9 +74,9 @@ def apply(names: tuple[str, ...] = ALL) -> list[str]:
     delivery_mod = mods["executor.delivery"]
     jobs_mod = mods["executor.jobs"]
     done = []
-    if "P1" in names:
-        _p1(courier_mod, journal_mod, jobs_mod)
-        done.append("P1")
+    if {"P1", "P5", "P6"} & set(names):
+        _p1(courier_mod, journal_mod, jobs_mod, lane="P5" in names, inline="P6" in names)
+        done += [p for p in ("P1", "P5", "P6") if p in names]
     if "P2" in names:
         _p2(courier_mod, delivery_mod, journal_mod)
         done.append("P2")
@@ -85,7 +93,10 @@ def apply(names: tuple[str, ...] = ALL) -> list[str]:
 # -- P1 ----------------------------------------------------------------------------------
 
 
-def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType) -> None:
+def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType,
+        lane: bool = False, inline: bool = False) -> None:
+    import sqlite3
+
     Journal = journal_mod.Journal
     JobState = jobs_mod.JobState
     CallbackSummary = jobs_mod.CallbackSummary
@@ -142,8 +153,21 @@ def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType) 
                 prompt, outputs = await self._validated_prompt(job, request.workflow)
             except WorkflowRejected as e:
                 rejected = e
-            verdict, existing, unfinished = await self.db(
-                Journal.admit, job, self.settings.max_queue, rejected is None)
+            args = (job, self.settings.max_queue, rejected is None)
+            if inline:  # P6: commit on the loop, no thread hop; the thread if the lock is busy
+                try:
+                    verdict, existing, unfinished = Journal.admit(_inline(self), *args)
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) and "busy" not in str(e):
+                        raise
+                    verdict, existing, unfinished = await self.db(Journal.admit, *args)
+            else:
+                db = self.db
+                if lane:  # P5: intake's own connection and thread, not queued behind job writes
+                    db = self.__dict__.get("_intake_db")
+                    if db is None:
+                        db = self._intake_db = journal_mod.JournalThread(self.db._opener)
+                verdict, existing, unfinished = await db(Journal.admit, *args)
             if verdict == "replay":
                 self._is_replay(existing, request)  # raises the 409 for another workflow
                 return 200, await self._status(existing)
@@ -165,6 +189,15 @@ def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType) 
             position = self.comfy.queue_snapshot().position(job.prompt_id)
             return 202, status_body(accepted, summary, position)
 
+    def _inline(courier: Any) -> Any:
+        journal = courier.__dict__.get("_inline_journal")
+        if journal is None:
+            journal = courier._inline_journal = courier.db._opener()
+            # never wait long on the loop; never checkpoint (fsync) on the loop
+            journal._db.execute("PRAGMA busy_timeout = 20")
+            journal._db.execute("PRAGMA wal_autocheckpoint = 0")
+        return journal
+
     Journal.admit = admit
     Courier.submit = submit
 
@@ -174,8 +207,8 @@ def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType) 
 
 def _p2(courier_mod: ModuleType, delivery_mod: ModuleType, journal_mod: ModuleType) -> None:
     Deliverer = delivery_mod.Deliverer
-    Courier = courier_mod.Courier
-    Journal = journal_mod.Journal
+    JournalThread = journal_mod.JournalThread
+    OutboxEvent = journal_mod.OutboxEvent
 
     def deliver_now(self: Any, event: Any) -> None:
         """Send an event just committed, without reading it back from the outbox."""
@@ -186,52 +219,47 @@ def _p2(courier_mod: ModuleType, delivery_mod: ModuleType, journal_mod: ModuleTy
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         # once tried, let the outbox loop plan the retry (if any) as it does after wake()
-        task.add_done_callback(lambda _: self.wake())
+        task.add_done_callback(lambda _: self._wake.set())
+
+    # Courier._finish commits the event through `await self.db(Journal.finish, job, event)`
+    # and then calls deliverer.wake(). The real change: `self.deliverer.deliver_now(event)`
+    # in place of `self.deliverer.wake()`. Here, without copying _finish: while a _finish runs
+    # (a context variable, so per task), the committed event is remembered and wake() hands
+    # it over; every other wake() behaves as before.
+    import contextvars
+
+    finishing: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+        "courier_bench_finishing", default=None)
+    Courier = courier_mod.Courier
+    original_finish = Courier._finish
+    original_call = JournalThread.__call__
+
+    async def _finish(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = finishing.set([])
+        try:
+            return await original_finish(self, *args, **kwargs)
+        finally:
+            finishing.reset(token)
+
+    async def call(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        result = await original_call(self, fn, *args, **kwargs)
+        fresh = finishing.get()
+        if fresh is not None and result is True and len(args) == 2 \
+                and isinstance(args[1], OutboxEvent):
+            fresh.append(args[1])
+        return result
+
+    def wake(self: Any) -> None:
+        fresh = finishing.get()
+        if fresh:
+            while fresh:
+                self.deliver_now(fresh.pop(0))
+            return
+        self._wake.set()
 
     Deliverer.deliver_now = deliver_now
-    JobState = courier_mod.JobState
-    OutboxEvent = courier_mod.OutboxEvent
-    callback_body = courier_mod.callback_body
-    node_order = courier_mod._node_order
-    clog = courier_mod.log
-
-    async def _finish(self: Any, run: Any, error_type: Any, message: Any, node_id: Any = None,
-                      outputs: Any = None) -> bool:
-        """executor/courier.py Courier._finish as of 65ef3f3, with the last lines changed."""
-        job = run.job
-        outputs = sorted(outputs or [], key=lambda o: (node_order(o.node_id), o.index))
-        job.state = JobState.SUCCESS if error_type is None else JobState.ERROR
-        job.error_type = error_type
-        job.error_message = message
-        job.node_id = node_id
-        job.outputs = outputs
-        job.image_urls = [o.url for o in outputs if o.url]
-        job.finished_at = self.clock()
-        event = None
-        if self.settings.callback_url is not None:
-            body = json.dumps(callback_body(job), separators=(",", ":")).encode()
-            event = OutboxEvent(f"msg_{uuid.uuid4().hex}", job.content_request_id, job.attempt,
-                                body, 0, job.finished_at)
-        if self.status_updates is not None:
-            self.status_updates.close(job)
-        finished = await self.db(Journal.finish, job, event)
-        self._runs.pop(job.prompt_id, None)
-        if not finished:
-            return False
-        self.metrics.jobs_final.labels(
-            job.state.value, error_type.value if error_type else "").inc()
-        self.metrics.job_duration.observe(max(0.0, job.finished_at - job.created_at))
-        if error_type is None:
-            clog.info("[courier] success id=%s attempt=%s prompt=%s images=%d",
-                      job.content_request_id, job.attempt, job.prompt_id, len(job.image_urls))
-        else:
-            clog.warning("[courier] error id=%s attempt=%s prompt=%s type=%s: %s",
-                         job.content_request_id, job.attempt, job.prompt_id, error_type.value,
-                         message)
-        if event is not None and self.deliverer is not None:
-            self.deliverer.deliver_now(event)  # was: self.deliverer.wake()
-        return True
-
+    Deliverer.wake = wake
+    JournalThread.__call__ = call
     Courier._finish = _finish
 
 

@@ -28,7 +28,8 @@ from standin.comfy import png_bytes_text
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(
-    not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run against a real ComfyUI"
+    not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").exists(),
+    reason="set COMFYUI_DIR to a ComfyUI checkout (with main.py) to run against a real ComfyUI",
 )
 
 
