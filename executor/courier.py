@@ -459,6 +459,10 @@ class Courier:
             expected_images=len(run.uploads),
         )
         job.state = JobState.UPLOADING
+        log.info(
+            "[courier] uploading id=%s prompt=%s images=%d",
+            job.content_request_id, job.prompt_id, len(run.uploads),
+        )
         await self._finish_uploads(run)
 
     async def _finish_uploads(self, run: Run) -> None:
