@@ -98,7 +98,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="use the stand-in even when COMFYUI_DIR is set")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
-    parser.add_argument("--patched", nargs="?", const="P1,P2,P3,P4,P5", default="",
+    parser.add_argument("--patched", nargs="?", const="P1,P2,P3,P4,P5,P7", default="",
                         metavar="P1,P2,...",
                         help="apply the proposed fixes of patches.py inside the server first "
                              "(default: all of them)")
@@ -348,6 +348,24 @@ class Server:
         status, body = http_json(f"{self.url}/prompt")
         return int(body["exec_info"]["queue_remaining"]) if status == 200 else -1
 
+    def block_worker(self, seconds: float) -> str:
+        """Queue a job that keeps the worker busy (and the CPU free) for `seconds`."""
+        status, body = http_json(f"{self.url}/prompt", "POST",
+                                 {"prompt": blocker_workflow(seconds, self.kind == "stand-in")})
+        if status != 200:
+            raise RuntimeError(f"blocker refused: {status} {body}")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # wait until it runs (it is alone in the queue)
+            if self.queue_remaining() == 1:
+                time.sleep(0.2)
+                return str(body["prompt_id"])
+            time.sleep(0.05)
+        return str(body["prompt_id"])
+
+    def clear_queue(self) -> None:
+        """ComfyUI's POST /queue {"clear": true}: drop every pending prompt."""
+        http_json(f"{self.url}/queue", "POST", {"clear": True})
+
     def health(self) -> dict[str, Any]:
         return dict(http_json(f"{self.url}/courier/health")[1])
 
@@ -363,6 +381,18 @@ class Server:
                     return time.monotonic() - start
             time.sleep(0.1)
         raise RuntimeError(f"{self.kind}: queue did not drain in {timeout:.0f} s")
+
+
+def blocker_workflow(seconds: float, standin: bool) -> dict[str, Any]:
+    """A job that holds ComfyUI's worker for `seconds` without using the CPU."""
+    sleep = "BlockingNode" if standin else "CourierBenchSleep"
+    output = "PreviewImage"
+    return {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": sleep, "inputs": {"images": ["1", 0], "seconds": seconds}},
+        "3": {"class_type": output, "inputs": {"images": ["2", 0]}},
+    }
 
 
 def start_server(base: Path, comfy_dir: Path | None, env: dict[str, str] | None = None,
@@ -404,13 +434,15 @@ def start_server(base: Path, comfy_dir: Path | None, env: dict[str, str] | None 
         link = nodes / "comfy_courier"
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
-        if patches:
-            sys.path.insert(0, str(BENCH))
-            from patches import loader_source
+        # the benchmark node (CourierBenchSleep) and, with `patches`, the proposed fixes
+        sys.path.insert(0, str(BENCH))
+        from bench_node import loader_source
 
-            loader = nodes / "zz_courier_bench_patches"
-            loader.mkdir(exist_ok=True)
-            (loader / "__init__.py").write_text(loader_source(tuple(patches)))
+        tools = nodes / "courier_bench_tools"
+        tools.mkdir(exist_ok=True)
+        (tools / "__init__.py").write_text(loader_source())
+        if patches:
+            environ["COURIER_BENCH_PATCHES"] = ",".join(patches)
         config = base / "extra_model_paths.yaml"
         config.write_text(f"courier:\n    base_path: {base / 'nodes'}\n    custom_nodes: custom_nodes\n")
         user = base / "user"

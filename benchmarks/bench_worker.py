@@ -9,6 +9,8 @@ own process (peers.py); its `delay_uploads` is switched between 0 and 0.6 s. Eac
 20 jobs at once to /execute-workflow, waits for their 20 callbacks, then reads the 20 history
 entries. Batches alternate instant/slow in ABBA order; the ratio is median(slow spans) /
 median(instant spans). The callbacks' upload times are printed to show the delay was real.
+For reference, each round also runs the same 20 jobs through plain ComfyUI (POST /prompt,
+SaveImage instead of SaveAndCallback): the courier's own cost to the worker.
 
 Jobs: real ComfyUI runs txt2img-sd15.json (tiny checkpoint, new seed per job) when the
 checkpoint exists, else model-free.json at 512x512; the stand-in runs
@@ -29,7 +31,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     COURIER_HEADERS, SERVICE_KEY, RawClient, TempDir, base_parser, comfy_dir_of, patch_names, courier_body,
-    history_span, http_json, p50, print_header, start_peers, start_server, table, unique_id,
+    history_span, http_json, p50, print_header, prompt_body, start_peers, start_server, table, unique_id,
     verdict, workflow, write_json)
 
 
@@ -101,6 +103,46 @@ async def run_batch(url: str, peers: Any, make: Callable[[int], dict[str, Any]],
             "failed": len(failed)}
 
 
+def plain_of(wf: dict[str, Any]) -> dict[str, Any]:
+    """The same graph ending in ComfyUI's SaveImage instead of SaveAndCallback."""
+    out = json.loads(json.dumps(wf))
+    for node in out.values():
+        if node["class_type"] == "SaveAndCallback":
+            node["class_type"] = "SaveImage"
+            node["inputs"] = {"images": node["inputs"]["images"], "filename_prefix": "plain"}
+    return out
+
+
+async def run_plain_batch(url: str, make: Callable[[int], dict[str, Any]], jobs: int,
+                          seq: int, timeout: float = 600.0) -> dict[str, Any]:
+    """The same jobs through POST /prompt with SaveImage: ComfyUI without the courier."""
+    async def post(i: int) -> str:
+        client = RawClient(url)
+        status, raw = await client.request("POST", "/prompt",
+                                           prompt_body(plain_of(make(seq * 1000 + i))))
+        await client.close()
+        if status != 200:
+            raise RuntimeError(f"POST /prompt -> {status}: {raw[:300]!r}")
+        return str(json.loads(raw)["prompt_id"])
+
+    ids = await asyncio.gather(*(post(i) for i in range(jobs)))
+    deadline = time.monotonic() + timeout
+    starts, ends = [], []
+    for prompt_id in ids:
+        while True:
+            hist = http_json(f"{url}/history/{prompt_id}")[1]
+            if prompt_id in hist:
+                start, end = history_span(hist[prompt_id])
+                if start is not None and end is not None:
+                    starts.append(start)
+                    ends.append(end)
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("plain batch did not finish")
+            await asyncio.sleep(0.1)
+    return {"span_ms": max(ends) - min(starts), "exec_sum_ms": sum(e - s for s, e in zip(starts, ends))}
+
+
 def main() -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20)
@@ -117,6 +159,7 @@ def main() -> int:
     description, make = job_maker(comfy, args.workflow)
     print(f"   jobs   : {args.jobs} per batch; {description}")
     spans: dict[float, list[float]] = {0.0: [], args.delay: []}
+    plain: list[float] = []
     rows = []
     with TempDir(args.keep, "bench-worker-") as tmp:
         peers = start_peers(tmp / "peers.log")
@@ -130,28 +173,38 @@ def main() -> int:
             server.wait_up()
             peers.set_delay(0.0)
             asyncio.run(run_batch(server.url, peers, make, 3, 999))  # warm-up (model load)
-            order: list[float] = []
+            asyncio.run(run_plain_batch(server.url, make, 2, 998))
+            order: list[float | None] = []  # None: plain ComfyUI (POST /prompt, SaveImage)
             for _ in range(rounds):
-                order += [0.0, args.delay, args.delay, 0.0]
+                order += [None, 0.0, args.delay, args.delay, 0.0, None]
             for seq, delay in enumerate(order):
+                if delay is None:
+                    result = asyncio.run(run_plain_batch(server.url, make, args.jobs, seq))
+                    plain.append(result["span_ms"])
+                    rows.append(["plain /prompt + SaveImage", f"{result['span_ms']:.0f} ms",
+                                 f"{result['exec_sum_ms']:.0f} ms", "-", "-"])
+                    server.drain()
+                    continue
                 peers.set_delay(delay)
                 result = asyncio.run(run_batch(server.url, peers, make, args.jobs, seq))
                 spans[delay].append(result["span_ms"])
-                rows.append([f"{delay * 1000:.0f} ms", f"{result['span_ms']:.0f} ms",
-                             f"{result['exec_sum_ms']:.0f} ms",
+                rows.append([f"courier, storage +{delay * 1000:.0f} ms",
+                             f"{result['span_ms']:.0f} ms", f"{result['exec_sum_ms']:.0f} ms",
                              f"{result['upload_ms_p50']:.0f} ms", result["failed"]])
                 server.drain()
         finally:
             server.stop()
             peers.stop()
-    print(table(["storage delay", "busy span", "sum of job executions",
+    print(table(["batch", "busy span", "sum of job executions",
                  "callback upload_ms p50", "failed"], rows))
     fast, slow = p50(spans[0.0]), p50(spans[args.delay])
     ratio = slow / fast
-    print(f"   median span: instant {fast:.0f} ms, {args.delay * 1000:.0f} ms late {slow:.0f} ms")
+    print(f"   median span: instant {fast:.0f} ms, {args.delay * 1000:.0f} ms late {slow:.0f} ms, "
+          f"plain ComfyUI {p50(plain):.0f} ms (courier/plain {fast / p50(plain):.3f}x)")
     print(f"RESULT worker span ratio     {ratio:.3f}x (target <= 1.05x)  {verdict(ratio <= 1.05)}")
     write_json(args, {"facts": facts, "jobs": args.jobs, "workflow": description,
-                      "spans_ms": {"instant": spans[0.0], "slow": spans[args.delay]},
+                      "spans_ms": {"instant": spans[0.0], "slow": spans[args.delay],
+                                   "plain": plain},
                       "ratio": ratio, "rows": rows})
     return 0
 

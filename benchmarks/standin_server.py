@@ -71,6 +71,13 @@ def add_comfy_routes(comfy: StandinComfy, sockets: dict[str, web.WebSocketRespon
     async def get_prompt(request: web.Request) -> web.Response:
         return web.json_response({"exec_info": {"queue_remaining": queue.get_tasks_remaining()}})
 
+    @routes.post("/queue")
+    async def post_queue(request: web.Request) -> web.Response:
+        json_data = await request.json()
+        if json_data.get("clear"):
+            queue.wipe_queue()
+        return web.Response(status=200)
+
     @routes.get("/history/{prompt_id}")
     async def history(request: web.Request) -> web.Response:
         return web.json_response(queue.get_history(prompt_id=request.match_info["prompt_id"]))
@@ -222,7 +229,16 @@ async def main(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     await stop.wait()
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
     comfy.stop()
     await courier.stop()
     courier.db.close()
@@ -234,6 +250,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--base", required=True)
     parser.add_argument("--version", default="0.3.64")
+    parser.add_argument("--profile", help="cProfile the event-loop thread into this file")
     parser.add_argument("--patched", default="", help="apply patches.py fixes (P1,P2,...)")
     parser.add_argument("--instrument", action="store_true",
                         help="time journal calls and submit; GET /bench/instrument")

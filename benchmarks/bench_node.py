@@ -1,0 +1,69 @@
+"""A second custom node the benchmarks load into a real ComfyUI next to comfy_courier.
+
+`_common.start_server` writes `<temp>/nodes/custom_nodes/courier_bench_tools/__init__.py`,
+which executes this file. It adds one node, `CourierBenchSleep` (images in, the same images
+out after `seconds` of time.sleep: the GIL is free, like a GPU job), used to keep ComfyUI's
+worker busy while intake is measured; and, when COURIER_BENCH_PATCHES is set (P1,P2,...),
+applies the proposed fixes of patches.py once comfy_courier is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class CourierBenchSleep:
+    CATEGORY = "courier/benchmarks"
+    DESCRIPTION = "Benchmark tool: sleeps, then passes the images on."
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "sleep"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "passed through"}),
+            "seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3600.0, "step": 0.01,
+                                  "tooltip": "how long to hold the worker"}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs: Any) -> float:
+        return float("nan")
+
+    def sleep(self, images: Any, seconds: float) -> tuple[Any]:
+        time.sleep(seconds)
+        return (images,)
+
+
+NODE_CLASS_MAPPINGS = {"CourierBenchSleep": CourierBenchSleep}
+NODE_DISPLAY_NAME_MAPPINGS = {"CourierBenchSleep": "Sleep (courier benchmarks)"}
+
+
+def _apply_patches() -> None:
+    names = tuple(p for p in os.environ.get("COURIER_BENCH_PATCHES", "").split(",") if p)
+    if not names:
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from patches import apply_when_loaded
+
+    apply_when_loaded(names)
+
+
+_apply_patches()
+
+
+def loader_source() -> str:
+    """__init__.py of the custom node folder: runs this file and re-exports its mappings."""
+    return (
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('courier_bench_node', "
+        f"{str(Path(__file__).resolve())!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(mod)\n"
+        "NODE_CLASS_MAPPINGS = mod.NODE_CLASS_MAPPINGS\n"
+        "NODE_DISPLAY_NAME_MAPPINGS = mod.NODE_DISPLAY_NAME_MAPPINGS\n"
+    )
