@@ -49,12 +49,16 @@ BUCKET = "comfy-outputs"
 
 # /work/shared/workflows/model-free.json, embedded so a checkout without it still runs.
 MODEL_FREE: dict[str, Any] = {
-    "1": {"class_type": "EmptyImage",
-          "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 16753920},
-          "_meta": {"title": "Empty Image (no model needed)"}},
-    "2": {"class_type": "SaveAndCallback",
-          "inputs": {"images": ["1", 0], "filename_prefix": "social"},
-          "_meta": {"title": "Save and callback"}},
+    "1": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 16753920},
+        "_meta": {"title": "Empty Image (no model needed)"},
+    },
+    "2": {
+        "class_type": "SaveAndCallback",
+        "inputs": {"images": ["1", 0], "filename_prefix": "social"},
+        "_meta": {"title": "Save and callback"},
+    },
 }
 
 
@@ -63,10 +67,12 @@ def use_repo_package() -> None:
     make tests/ importable for the stand-in and the fake storage server."""
     mod = sys.modules.get("comfy_courier")
     if mod is None or Path(getattr(mod, "__file__", "") or "").resolve().parent != REPO:
-        for name in [n for n in sys.modules if n == "comfy_courier" or n.startswith("comfy_courier.")]:
+        stale = [n for n in sys.modules if n == "comfy_courier" or n.startswith("comfy_courier.")]
+        for name in stale:
             del sys.modules[name]
         spec = importlib.util.spec_from_file_location(
-            "comfy_courier", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+            "comfy_courier", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+        )
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
         sys.modules["comfy_courier"] = module
@@ -90,18 +96,30 @@ def workflow(name: str) -> dict[str, Any]:
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true",
-                        help="CI-sized run (fewer samples); still prints every ratio")
-    parser.add_argument("--comfy-dir", default=os.environ.get("COMFYUI_DIR"),
-                        help="real ComfyUI checkout (default: $COMFYUI_DIR); unset = stand-in")
-    parser.add_argument("--standin", action="store_true",
-                        help="use the stand-in even when COMFYUI_DIR is set")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI-sized run (fewer samples); still prints every ratio",
+    )
+    parser.add_argument(
+        "--comfy-dir",
+        default=os.environ.get("COMFYUI_DIR"),
+        help="real ComfyUI checkout (default: $COMFYUI_DIR); unset = stand-in",
+    )
+    parser.add_argument(
+        "--standin", action="store_true", help="use the stand-in even when COMFYUI_DIR is set"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
-    parser.add_argument("--patched", nargs="?", const="P1,P2,P3,P4,P5,P7", default="",
-                        metavar="P1,P2,...",
-                        help="apply the proposed fixes of patches.py inside the server first "
-                             "(default: all of them)")
+    parser.add_argument(
+        "--patched",
+        nargs="?",
+        const="P1,P2,P3,P4,P5,P7",
+        default="",
+        metavar="P1,P2,...",
+        help="apply the proposed fixes of patches.py inside the server first "
+        "(default: all of them)",
+    )
     return parser
 
 
@@ -162,12 +180,19 @@ def print_header(title: str, target_desc: str, args: argparse.Namespace) -> dict
     patched = patch_names(args)
     print(f"== {title}")
     print(f"   target : {target_desc}")
-    print(f"   server : {comfy_version(comfy)}{' [quick]' if args.quick else ''}"
-          + (f"  WITH PROPOSED PATCHES {','.join(patched)} (benchmarks/patches.py)"
-             if patched else ""))
+    print(
+        f"   server : {comfy_version(comfy)}{' [quick]' if args.quick else ''}"
+        + (
+            f"  WITH PROPOSED PATCHES {','.join(patched)} (benchmarks/patches.py)"
+            if patched
+            else ""
+        )
+    )
     facts["patches"] = list(patched)
-    print(f"   machine: nproc={facts['nproc']} cpu={facts['cpu']!r} mem={facts['mem']} "
-          f"python={facts['python']} load1={facts['loadavg_at_start']:.2f}")
+    print(
+        f"   machine: nproc={facts['nproc']} cpu={facts['cpu']!r} mem={facts['mem']} "
+        f"python={facts['python']} load1={facts['loadavg_at_start']:.2f}"
+    )
     facts["server"] = comfy_version(comfy)
     facts["quick"] = bool(args.quick)
     return facts
@@ -203,11 +228,12 @@ def ms(seconds: float) -> str:
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     rows = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     out = ["   " + line, "   " + "  ".join("-" * w for w in widths)]
-    out += ["   " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    out += ["   " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(out)
 
 
@@ -233,11 +259,20 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def http_json(url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None,
-              timeout: float = 30.0) -> tuple[int, Any]:
+def http_json(
+    url: str,
+    method: str = "GET",
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
@@ -288,7 +323,9 @@ class Peers:
 def start_peers(log: Path) -> Peers:
     process = subprocess.Popen(
         [sys.executable, str(BENCH / "peers.py"), "--service-key", SERVICE_KEY, "--bucket", BUCKET],
-        stdout=subprocess.PIPE, stderr=log.open("wb"))
+        stdout=subprocess.PIPE,
+        stderr=log.open("wb"),
+    )
     assert process.stdout is not None
     line = process.stdout.readline().decode()
     if not line.startswith("READY "):
@@ -334,11 +371,17 @@ class Server:
                     self.up_after = time.monotonic() - self.started_at
                     return
                 if status == 404:  # ComfyUI serves, but comfy-courier did not load
-                    lines = [ln for ln in self.log.read_text(errors="replace").splitlines()
-                             if "courier" in ln.lower() or "Error" in ln]
+                    lines = [
+                        ln
+                        for ln in self.log.read_text(errors="replace").splitlines()
+                        if "courier" in ln.lower() or "Error" in ln
+                    ]
                     self.stop()
-                    raise RuntimeError(f"{self.kind} runs without comfy-courier (import failed?):\n"
-                                       + "\n".join(lines[-15:]) + f"\nlog: {self.log}")
+                    raise RuntimeError(
+                        f"{self.kind} runs without comfy-courier (import failed?):\n"
+                        + "\n".join(lines[-15:])
+                        + f"\nlog: {self.log}"
+                    )
             except (urllib.error.URLError, OSError, ValueError):
                 pass
             time.sleep(0.2)
@@ -350,8 +393,11 @@ class Server:
 
     def block_worker(self, seconds: float) -> str:
         """Queue a job that keeps the worker busy (and the CPU free) for `seconds`."""
-        status, body = http_json(f"{self.url}/prompt", "POST",
-                                 {"prompt": blocker_workflow(seconds, self.kind == "stand-in")})
+        status, body = http_json(
+            f"{self.url}/prompt",
+            "POST",
+            {"prompt": blocker_workflow(seconds, self.kind == "stand-in")},
+        )
         if status != 200:
             raise RuntimeError(f"blocker refused: {status} {body}")
         deadline = time.monotonic() + 10
@@ -377,7 +423,8 @@ class Server:
             if self.queue_remaining() == 0:
                 health = self.health()
                 if health["queue"]["courier_unfinished"] == 0 and (
-                        not outbox or health["outbox"]["pending"] == 0):
+                    not outbox or health["outbox"]["pending"] == 0
+                ):
                     return time.monotonic() - start
             time.sleep(0.1)
         raise RuntimeError(f"{self.kind}: queue did not drain in {timeout:.0f} s")
@@ -388,42 +435,58 @@ def blocker_workflow(seconds: float, standin: bool) -> dict[str, Any]:
     sleep = "BlockingNode" if standin else "CourierBenchSleep"
     output = "PreviewImage"
     return {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0},
+        },
         "2": {"class_type": sleep, "inputs": {"images": ["1", 0], "seconds": seconds}},
         "3": {"class_type": output, "inputs": {"images": ["2", 0]}},
     }
 
 
-def start_server(base: Path, comfy_dir: Path | None, env: dict[str, str] | None = None,
-                 input_dir: Path | None = None, port: int | None = None,
-                 standin_args: Sequence[str] = (), patches: Sequence[str] = ()) -> Server:
+def start_server(
+    base: Path,
+    comfy_dir: Path | None,
+    env: dict[str, str] | None = None,
+    input_dir: Path | None = None,
+    port: int | None = None,
+    standin_args: Sequence[str] = (),
+    patches: Sequence[str] = (),
+) -> Server:
     base.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     output = base / "output"
     output.mkdir(exist_ok=True)
     db = base / "courier.sqlite3"
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("COURIER_", "SUPABASE_"))}
-    environ.update({
-        "COURIER_API_KEY": API_KEY,
-        "COURIER_DB": str(db),
-        "COURIER_STORAGE": "local",
-        "CUDA_VISIBLE_DEVICES": "",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "DO_NOT_TRACK": "1",
-        "OMP_NUM_THREADS": os.environ.get("COMFYUI_THREADS", "1"),
-        "MKL_NUM_THREADS": os.environ.get("COMFYUI_THREADS", "1"),
-        "PYTHONUNBUFFERED": "1",
-    })
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("COURIER_", "SUPABASE_"))}
+    environ.update(
+        {
+            "COURIER_API_KEY": API_KEY,
+            "COURIER_DB": str(db),
+            "COURIER_STORAGE": "local",
+            "CUDA_VISIBLE_DEVICES": "",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "DO_NOT_TRACK": "1",
+            "OMP_NUM_THREADS": os.environ.get("COMFYUI_THREADS", "1"),
+            "MKL_NUM_THREADS": os.environ.get("COMFYUI_THREADS", "1"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     environ.update(env or {})
     if "COURIER_DB" in (env or {}):
         db = Path(environ["COURIER_DB"])
     log = base / "server.log"
     if comfy_dir is None:
-        cmd = [sys.executable, str(BENCH / "standin_server.py"), "--port", str(port),
-               "--base", str(base / "standin"), *standin_args]
+        cmd = [
+            sys.executable,
+            str(BENCH / "standin_server.py"),
+            "--port",
+            str(port),
+            "--base",
+            str(base / "standin"),
+            *standin_args,
+        ]
         if patches:
             cmd += ["--patched", ",".join(patches)]
         cwd = str(REPO)
@@ -444,19 +507,36 @@ def start_server(base: Path, comfy_dir: Path | None, env: dict[str, str] | None 
         if patches:
             environ["COURIER_BENCH_PATCHES"] = ",".join(patches)
         config = base / "extra_model_paths.yaml"
-        config.write_text(f"courier:\n    base_path: {base / 'nodes'}\n    custom_nodes: custom_nodes\n")
+        config.write_text(
+            f"courier:\n    base_path: {base / 'nodes'}\n    custom_nodes: custom_nodes\n"
+        )
         user = base / "user"
         user.mkdir(exist_ok=True)
-        cmd = [comfy_python(comfy_dir), "main.py", "--cpu", "--listen", "127.0.0.1",
-               "--port", str(port), "--disable-auto-launch",
-               "--extra-model-paths-config", str(config), "--output-directory", str(output),
-               "--user-directory", str(user), "--database-url", f"sqlite:///{base / 'comfyui.db'}"]
+        cmd = [
+            comfy_python(comfy_dir),
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-auto-launch",
+            "--extra-model-paths-config",
+            str(config),
+            "--output-directory",
+            str(output),
+            "--user-directory",
+            str(user),
+            "--database-url",
+            f"sqlite:///{base / 'comfyui.db'}",
+        ]
         if input_dir is not None:
             cmd += ["--input-directory", str(input_dir)]
         cwd = str(comfy_dir)
         kind = comfy_version(comfy_dir)
-    process = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=log.open("wb"),
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=environ, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
     return Server(kind, f"http://127.0.0.1:{port}", port, process, log, base, db, output)
 
 
@@ -499,13 +579,17 @@ class RawClient:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    async def request(self, method: str, path: str, body: bytes = b"",
-                      headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         if self.writer is None or self.writer.is_closing():
             await self._connect()
         assert self.reader is not None and self.writer is not None
-        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                f"Content-Length: {len(body)}"]
+        head = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            f"Content-Length: {len(body)}",
+        ]
         if body:
             head.append("Content-Type: application/json")
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -600,8 +684,9 @@ class HistoryWatcher:
         import aiohttp
 
         self._session = aiohttp.ClientSession()
-        ws = await self._session.ws_connect(f"{self.url}/ws?clientId={self.client_id}",
-                                            max_msg_size=0)
+        ws = await self._session.ws_connect(
+            f"{self.url}/ws?clientId={self.client_id}", max_msg_size=0
+        )
         self._task = asyncio.ensure_future(self._read(ws))
 
     async def _read(self, ws: Any) -> None:

@@ -30,9 +30,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    BUCKET, COURIER_HEADERS, SERVICE_KEY, HistoryWatcher, RawClient, TempDir, base_parser, patch_names,
-    comfy_dir_of, courier_body, p50, pct, print_header, prompt_body, start_peers, start_server,
-    table, unique_id, use_repo_package, verdict, workflow, write_json)
+    BUCKET,
+    COURIER_HEADERS,
+    SERVICE_KEY,
+    HistoryWatcher,
+    RawClient,
+    TempDir,
+    base_parser,
+    comfy_dir_of,
+    courier_body,
+    p50,
+    patch_names,
+    pct,
+    print_header,
+    prompt_body,
+    start_peers,
+    start_server,
+    table,
+    unique_id,
+    use_repo_package,
+    verdict,
+    workflow,
+    write_json,
+)
 
 CLIENT_ID = "bench-e2e-plain"
 
@@ -40,7 +60,6 @@ CLIENT_ID = "bench-e2e-plain"
 async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str, list[float]]:
     use_repo_package()
     import numpy as np
-
     from comfy_courier.executor.images import encode
     from comfy_courier.executor.storage.supabase_storage import SupabaseStorage
 
@@ -50,8 +69,10 @@ async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str
     for node in plain_base.values():
         if node["class_type"] == "SaveAndCallback":
             node["class_type"] = "SaveImage"
-            node["inputs"] = {"images": node["inputs"]["images"],
-                              "filename_prefix": node["inputs"].get("filename_prefix", "ComfyUI")}
+            node["inputs"] = {
+                "images": node["inputs"]["images"],
+                "filename_prefix": node["inputs"].get("filename_prefix", "ComfyUI"),
+            }
     watcher = HistoryWatcher(url, CLIENT_ID)
     await watcher.start()
     client = RawClient(url)
@@ -66,8 +87,9 @@ async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str
         wf["1"]["inputs"]["color"] = next_color()
         cid = unique_id("e2e")
         t0 = time.monotonic()
-        status, raw = await client.request("POST", "/execute-workflow", courier_body(wf, cid),
-                                           COURIER_HEADERS)
+        status, raw = await client.request(
+            "POST", "/execute-workflow", courier_body(wf, cid), COURIER_HEADERS
+        )
         if status != 202:
             raise RuntimeError(f"/execute-workflow -> {status}: {raw[:300]!r}")
         deadline = t0 + 60
@@ -135,16 +157,24 @@ def main() -> int:
     args = parser.parse_args()
     comfy = comfy_dir_of(args)
     iterations = args.iterations or (25 if args.quick else 100)
-    facts = print_header("end to end: request -> callback vs plain ComfyUI + upload + 3 ms",
-                         "courier p50 <= plain p50 + upload p50 + 3 ms", args)
+    facts = print_header(
+        "end to end: request -> callback vs plain ComfyUI + upload + 3 ms",
+        "courier p50 <= plain p50 + upload p50 + 3 ms",
+        args,
+    )
     with TempDir(args.keep, "bench-e2e-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_server(tmp / "server", comfy, {
-            "COURIER_STORAGE": "supabase",
-            "SUPABASE_URL": peers.storage_url,
-            "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
-            "COURIER_CALLBACK_URL": peers.callback_url,
-        }, patches=patch_names(args))
+        server = start_server(
+            tmp / "server",
+            comfy,
+            {
+                "COURIER_STORAGE": "supabase",
+                "SUPABASE_URL": peers.storage_url,
+                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+                "COURIER_CALLBACK_URL": peers.callback_url,
+            },
+            patches=patch_names(args),
+        )
         try:
             server.wait_up()
             res = asyncio.run(measure(server.url, peers, iterations, 0.05))
@@ -154,30 +184,67 @@ def main() -> int:
     c, p, u = res["courier"], res["plain"], res["upload"]
     budget = p50(p) + p50(u) + 0.003
     ratio = p50(c) / budget
-    print(table(["path", "p50", "p90", "n"], [
-        ["courier: POST /execute-workflow -> callback", f"{p50(c) * 1000:.2f} ms",
-         f"{pct(c, 90) * 1000:.2f} ms", len(c)],
-        ["plain: POST /prompt (SaveImage) -> history", f"{p50(p) * 1000:.2f} ms",
-         f"{pct(p, 90) * 1000:.2f} ms", len(p)],
-        ["upload of the same PNG (SupabaseStorage.put)", f"{p50(u) * 1000:.2f} ms",
-         f"{pct(u, 90) * 1000:.2f} ms", len(u)],
-        ["budget: plain + upload + 3 ms", f"{budget * 1000:.2f} ms", "", ""],
-    ]))
+    print(
+        table(
+            ["path", "p50", "p90", "n"],
+            [
+                [
+                    "courier: POST /execute-workflow -> callback",
+                    f"{p50(c) * 1000:.2f} ms",
+                    f"{pct(c, 90) * 1000:.2f} ms",
+                    len(c),
+                ],
+                [
+                    "plain: POST /prompt (SaveImage) -> history",
+                    f"{p50(p) * 1000:.2f} ms",
+                    f"{pct(p, 90) * 1000:.2f} ms",
+                    len(p),
+                ],
+                [
+                    "upload of the same PNG (SupabaseStorage.put)",
+                    f"{p50(u) * 1000:.2f} ms",
+                    f"{pct(u, 90) * 1000:.2f} ms",
+                    len(u),
+                ],
+                ["budget: plain + upload + 3 ms", f"{budget * 1000:.2f} ms", "", ""],
+            ],
+        )
+    )
     bd: list[dict[str, float]] = res["breakdown"]  # type: ignore[assignment]
     if bd:
-        parts = {k: p50([b[k] for b in bd if k in b])
-                 for k in ("queued_ms", "execution_ms", "upload_ms", "total_ms")}
-        print("   courier timings (callback body, p50): " +
-              ", ".join(f"{k}={v:.1f}" for k, v in parts.items()))
-    print(f"   courier - plain = {(p50(c) - p50(p)) * 1000:.2f} ms "
-          f"(allowed: upload {p50(u) * 1000:.2f} ms + 3 ms)")
+        parts = {
+            k: p50([b[k] for b in bd if k in b])
+            for k in ("queued_ms", "execution_ms", "upload_ms", "total_ms")
+        }
+        print(
+            "   courier timings (callback body, p50): "
+            + ", ".join(f"{k}={v:.1f}" for k, v in parts.items())
+        )
+    print(
+        f"   courier - plain = {(p50(c) - p50(p)) * 1000:.2f} ms "
+        f"(allowed: upload {p50(u) * 1000:.2f} ms + 3 ms)"
+    )
     print(f"RESULT e2e p50 ratio to budget {ratio:.2f}x (target <= 1.00x)  {verdict(ratio <= 1.0)}")
-    write_json(args, {"facts": facts, "iterations": iterations,
-                      "p50_ms": {"courier": p50(c) * 1000, "plain": p50(p) * 1000,
-                                 "upload": p50(u) * 1000, "budget": budget * 1000},
-                      "p90_ms": {"courier": pct(c, 90) * 1000, "plain": pct(p, 90) * 1000,
-                                 "upload": pct(u, 90) * 1000},
-                      "ratio": ratio, "breakdown": bd})
+    write_json(
+        args,
+        {
+            "facts": facts,
+            "iterations": iterations,
+            "p50_ms": {
+                "courier": p50(c) * 1000,
+                "plain": p50(p) * 1000,
+                "upload": p50(u) * 1000,
+                "budget": budget * 1000,
+            },
+            "p90_ms": {
+                "courier": pct(c, 90) * 1000,
+                "plain": pct(p, 90) * 1000,
+                "upload": pct(u, 90) * 1000,
+            },
+            "ratio": ratio,
+            "breakdown": bd,
+        },
+    )
     return 0
 
 

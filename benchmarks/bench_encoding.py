@@ -33,9 +33,25 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    COURIER_HEADERS, RawClient, TempDir, base_parser, comfy_dir_of, patch_names, courier_body, history_span,
-    http_json, p50, print_header, prompt_body, start_server, table, unique_id, use_repo_package,
-    verdict, workflow, write_json)
+    COURIER_HEADERS,
+    RawClient,
+    TempDir,
+    base_parser,
+    comfy_dir_of,
+    courier_body,
+    history_span,
+    http_json,
+    p50,
+    patch_names,
+    print_header,
+    prompt_body,
+    start_server,
+    table,
+    unique_id,
+    use_repo_package,
+    workflow,
+    write_json,
+)
 
 WIDTH, HEIGHT = 1080, 1920
 FORMATS = ("png", "webp", "jpeg")
@@ -82,7 +98,7 @@ def save_image_like_comfyui(images: Any, folder: Path, prompt: dict[str, Any], n
 
     size = 0
     for image in images:
-        i = 255. * image  # ComfyUI: image.cpu().numpy(); here already numpy
+        i = 255.0 * image  # ComfyUI: image.cpu().numpy(); here already numpy
         img = Image.fromarray(np.clip(i, 0, 255).astype(np.uint8))
         metadata = PngInfo()
         metadata.add_text("prompt", json.dumps(prompt))
@@ -137,7 +153,8 @@ async def through_comfyui(url: str, image_name: str, runs: int) -> dict[str, dic
             hist = http_json(f"{url}/history/{prompt_id}")[1]
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
-                if entry["status"].get("status_str") == "success" or entry["status"].get("completed"):
+                status = entry["status"]
+                if status.get("status_str") == "success" or status.get("completed"):
                     return dict(entry)
                 raise RuntimeError(f"prompt failed: {json.dumps(entry['status'])[:1500]}")
             await asyncio.sleep(0.02)
@@ -146,17 +163,31 @@ async def through_comfyui(url: str, image_name: str, runs: int) -> dict[str, dic
     for n in range(runs + 1):
         for name in spans:
             if name == "SaveImage png":
-                wf = {"1": load, "2": {"class_type": "SaveImage", "inputs": {
-                    "images": ["1", 0], "filename_prefix": f"enc{n}"}}}
+                wf = {
+                    "1": load,
+                    "2": {
+                        "class_type": "SaveImage",
+                        "inputs": {"images": ["1", 0], "filename_prefix": f"enc{n}"},
+                    },
+                }
                 status, raw = await client.request("POST", "/prompt", prompt_body(wf, "bench-enc"))
                 prompt_id = json.loads(raw)["prompt_id"]
             else:
-                wf = {"1": load, "2": {"class_type": "SaveAndCallback", "inputs": {
-                    "images": ["1", 0], "filename_prefix": "enc", "format": name.split()[1],
-                    "quality": QUALITY}}}
-                status, raw = await client.request("POST", "/execute-workflow",
-                                                   courier_body(wf, unique_id("enc")),
-                                                   COURIER_HEADERS)
+                wf = {
+                    "1": load,
+                    "2": {
+                        "class_type": "SaveAndCallback",
+                        "inputs": {
+                            "images": ["1", 0],
+                            "filename_prefix": "enc",
+                            "format": name.split()[1],
+                            "quality": QUALITY,
+                        },
+                    },
+                }
+                status, raw = await client.request(
+                    "POST", "/execute-workflow", courier_body(wf, unique_id("enc")), COURIER_HEADERS
+                )
                 prompt_id = json.loads(raw).get("prompt_id", "")
             if status not in (200, 202):
                 raise RuntimeError(f"{name}: {status} {raw[:500]!r}")
@@ -176,25 +207,43 @@ def main() -> int:
     args = parser.parse_args()
     comfy = comfy_dir_of(args)
     runs = args.runs or (3 if args.quick else 15)
-    facts = print_header(f"encoding: {WIDTH}x{HEIGHT} in png / webp / jpeg (quality {QUALITY})",
-                         "node png time <= SaveImage png time; time and bytes per format", args)
+    facts = print_header(
+        f"encoding: {WIDTH}x{HEIGHT} in png / webp / jpeg (quality {QUALITY})",
+        "node png time <= SaveImage png time; time and bytes per format",
+        args,
+    )
     use_repo_package()
     import numpy as np
     from PIL import Image, features
 
     pixels = load_image(args.image) if args.image else synthetic_image()
     source = str(args.image) if args.image else "synthetic (seed 7)"
-    print(f"   image  : {source}; Pillow {Image.__version__}, libwebp {features.version('webp')}, "
-          f"libjpeg-turbo {features.version('libjpeg_turbo') or 'no'}, zlib {features.version('zlib')}")
+    print(
+        f"   image  : {source}; Pillow {Image.__version__}, libwebp {features.version('webp')}, "
+        f"libjpeg-turbo {features.version('libjpeg_turbo') or 'no'}, "
+        f"zlib {features.version('zlib')}"
+    )
     images = pixels[None, ...].astype(np.float32)
     local = in_process(images, runs)
     ref = local["SaveImage png"]
-    rows = [[name, f"{v['ms']:.1f} ms", f"{v['ms'] / ref['ms']:.2f}x",
-             f"{v['bytes'] / 1e6:.3f} MB", f"{v['bytes'] / ref['bytes']:.2f}x",
-             f"{v['bytes'] * 8 / 50e6 * 1000:.0f} ms"] for name, v in local.items()]
+    rows = [
+        [
+            name,
+            f"{v['ms']:.1f} ms",
+            f"{v['ms'] / ref['ms']:.2f}x",
+            f"{v['bytes'] / 1e6:.3f} MB",
+            f"{v['bytes'] / ref['bytes']:.2f}x",
+            f"{v['bytes'] * 8 / 50e6 * 1000:.0f} ms",
+        ]
+        for name, v in local.items()
+    ]
     print(f"   in-process, median of {runs}:")
-    print(table(["encoder", "time", "vs SaveImage", "bytes", "vs SaveImage",
-                 "transfer @50 Mbit/s"], rows))
+    print(
+        table(
+            ["encoder", "time", "vs SaveImage", "bytes", "vs SaveImage", "transfer @50 Mbit/s"],
+            rows,
+        )
+    )
     payload: dict[str, Any] = {"facts": facts, "image": source, "runs": runs, "in_process": local}
     node_png_ratio = local["node png"]["ms"] / ref["ms"]
     if comfy is not None:
@@ -202,29 +251,46 @@ def main() -> int:
             input_dir = tmp / "input"
             input_dir.mkdir()
             Image.fromarray((pixels * 255).round().astype(np.uint8)).save(input_dir / "bench.png")
-            server = start_server(tmp / "server", comfy, input_dir=input_dir, patches=patch_names(args))
+            server = start_server(
+                tmp / "server", comfy, input_dir=input_dir, patches=patch_names(args)
+            )
             try:
                 server.wait_up()
                 real = asyncio.run(through_comfyui(server.url, "bench.png", runs))
             finally:
                 server.stop()
         rref = real["SaveImage png"]["ms"]
-        print(f"   through {facts['server']}, execution span (history timestamps), median of {runs}:")
-        print(table(["output node", "span", "vs SaveImage"],
-                    [[name, f"{v['ms']:.0f} ms", f"{v['ms'] / rref:.2f}x"]
-                     for name, v in real.items()]))
+        print(
+            f"   through {facts['server']}, execution span (history timestamps), median of {runs}:"
+        )
+        print(
+            table(
+                ["output node", "span", "vs SaveImage"],
+                [[name, f"{v['ms']:.0f} ms", f"{v['ms'] / rref:.2f}x"] for name, v in real.items()],
+            )
+        )
         payload["through_comfyui"] = real
         node_png_ratio = real["node png"]["ms"] / rref
     best = min(FORMATS, key=lambda f: local[f"node {f}"]["ms"])
-    print(f"   fastest node format: {best}; smallest: "
-          f"{min(FORMATS, key=lambda f: local[f'node {f}']['bytes'])}")
-    same = "MEETS" if node_png_ratio <= 1.0 else (
-        "EQUAL within noise (<= 1.03x)" if node_png_ratio <= 1.03 else "MISSES")
-    print(f"RESULT encoding node-png/SaveImage time {node_png_ratio:.2f}x (target <= 1.00x)  {same}")
+    print(
+        f"   fastest node format: {best}; smallest: "
+        f"{min(FORMATS, key=lambda f: local[f'node {f}']['bytes'])}"
+    )
+    same = (
+        "MEETS"
+        if node_png_ratio <= 1.0
+        else ("EQUAL within noise (<= 1.03x)" if node_png_ratio <= 1.03 else "MISSES")
+    )
+    print(
+        f"RESULT encoding node-png/SaveImage time {node_png_ratio:.2f}x (target <= 1.00x)  {same}"
+    )
     for f in FORMATS:
         v = local[f"node {f}"]
-        print(f"RESULT encoding {f:5s} {v['ms']:7.1f} ms {v['bytes'] / 1e6:6.3f} MB "
-              f"({v['ms'] / ref['ms']:.2f}x time, {v['bytes'] / ref['bytes']:.2f}x bytes of SaveImage)")
+        print(
+            f"RESULT encoding {f:5s} {v['ms']:7.1f} ms {v['bytes'] / 1e6:6.3f} MB "
+            f"({v['ms'] / ref['ms']:.2f}x time, "
+            f"{v['bytes'] / ref['bytes']:.2f}x bytes of SaveImage)"
+        )
     payload["node_png_ratio"] = node_png_ratio
     write_json(args, payload)
     return 0

@@ -34,13 +34,31 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    COURIER_HEADERS, JournalReader, RawClient, TempDir, base_parser, comfy_dir_of, patch_names, courier_body,
-    p50, pct, print_header, prompt_body, start_peers, start_server, table, unique_id, verdict,
-    workflow, write_json)
+    COURIER_HEADERS,
+    JournalReader,
+    RawClient,
+    TempDir,
+    base_parser,
+    comfy_dir_of,
+    courier_body,
+    p50,
+    patch_names,
+    pct,
+    print_header,
+    prompt_body,
+    start_peers,
+    start_server,
+    table,
+    unique_id,
+    verdict,
+    workflow,
+    write_json,
+)
 
 
-async def latency_phase(url: str, wf: dict[str, Any], n: int, gap: float,
-                        reader: JournalReader) -> dict[str, Any]:
+async def latency_phase(
+    url: str, wf: dict[str, Any], n: int, gap: float, reader: JournalReader
+) -> dict[str, Any]:
     client = RawClient(url)
     prompt_raw = prompt_body(wf, "bench-intake")
     lat: dict[str, list[float]] = {"prompt": [], "courier": []}
@@ -68,8 +86,9 @@ async def latency_phase(url: str, wf: dict[str, Any], n: int, gap: float,
     return {"lat": lat, "committed": committed, "checked": checked, "bad": bad}
 
 
-async def load_phase(url: str, kind: str, wf: dict[str, Any], clients: int,
-                     duration: float) -> dict[str, Any]:
+async def load_phase(
+    url: str, kind: str, wf: dict[str, Any], clients: int, duration: float
+) -> dict[str, Any]:
     prompt_raw = prompt_body(wf, "bench-intake")
     stop_at = time.perf_counter() + duration
     counts = {"ok": 0, "other": 0}
@@ -98,8 +117,14 @@ async def load_phase(url: str, kind: str, wf: dict[str, Any], clients: int,
     start = time.perf_counter()
     await asyncio.gather(*(one_client(i) for i in range(clients)))
     elapsed = min(time.perf_counter(), stop_at) - start
-    return {"rps": counts["ok"] / elapsed, "ok": counts["ok"], "other": counts["other"],
-            "statuses": statuses, "p50": p50(lat), "p99": pct(lat, 99)}
+    return {
+        "rps": counts["ok"] / elapsed,
+        "ok": counts["ok"],
+        "other": counts["other"],
+        "statuses": statuses,
+        "p50": p50(lat),
+        "p99": pct(lat, 99),
+    }
 
 
 def main() -> int:
@@ -114,19 +139,28 @@ def main() -> int:
     duration = args.duration or (2.0 if args.quick else 5.0)
     rounds = args.rounds or (1 if args.quick else 2)
     gap = 0.03 if comfy is None else 0.06
-    facts = print_header("intake: POST /execute-workflow vs ComfyUI's POST /prompt",
-                         "p50 latency <= 1.0x /prompt; req/s at 32 clients >= 0.8x /prompt", args)
+    facts = print_header(
+        "intake: POST /execute-workflow vs ComfyUI's POST /prompt",
+        "p50 latency <= 1.0x /prompt; req/s at 32 clients >= 0.8x /prompt",
+        args,
+    )
     wf = workflow("model-free.json")
     modes = ("busy", "live")
     phases: dict[str, dict[str, list[dict[str, Any]]]] = {
-        m: {"prompt": [], "courier": []} for m in modes}
+        m: {"prompt": [], "courier": []} for m in modes
+    }
     with TempDir(args.keep, "bench-intake-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_server(tmp / "server", comfy, {
-            "COURIER_MAX_QUEUE": "1000000",
-            "COURIER_CALLBACK_URL": peers.callback_url,
-            "COURIER_CALLBACK_API_KEY": "bench-callback-key-0123456789abcdef",
-        }, patches=patch_names(args))
+        server = start_server(
+            tmp / "server",
+            comfy,
+            {
+                "COURIER_MAX_QUEUE": "1000000",
+                "COURIER_CALLBACK_URL": peers.callback_url,
+                "COURIER_CALLBACK_API_KEY": "bench-callback-key-0123456789abcdef",
+            },
+            patches=patch_names(args),
+        )
         reader = JournalReader(server.db)
         try:
             server.wait_up()
@@ -146,45 +180,88 @@ def main() -> int:
                         server.clear_queue()
                     result["drain_s"] = server.drain()
                     phases[mode][kind].append(result)
-                    print(f"   phase {mode:4s} worker {kind:8s} {result['rps']:7.1f} req/s "
-                          f"ok={result['ok']} other={result['other']} "
-                          f"p50={result['p50'] * 1000:.1f} ms p99={result['p99'] * 1000:.1f} ms "
-                          f"(drained in {result['drain_s']:.1f} s)")
+                    print(
+                        f"   phase {mode:4s} worker {kind:8s} {result['rps']:7.1f} req/s "
+                        f"ok={result['ok']} other={result['other']} "
+                        f"p50={result['p50'] * 1000:.1f} ms p99={result['p99'] * 1000:.1f} ms "
+                        f"(drained in {result['drain_s']:.1f} s)"
+                    )
         finally:
             reader.close()
             server.stop()
             peers.stop()
     lp, lc = lat["lat"]["prompt"], lat["lat"]["courier"]
     lat_ratio = p50(lc) / p50(lp)
-    rps = {m: {k: p50([r["rps"] for r in phases[m][k]]) for k in ("prompt", "courier")}
-           for m in modes}
+    rps = {
+        m: {k: p50([r["rps"] for r in phases[m][k]]) for k in ("prompt", "courier")} for m in modes
+    }
     ratios = {m: rps[m]["courier"] / rps[m]["prompt"] for m in modes}
-    print(table(["endpoint", "p50", "p90", "p99", f"req/s @{args.clients} busy worker",
-                 "req/s live worker"], [
-        ["POST /prompt", f"{p50(lp) * 1000:.2f} ms", f"{pct(lp, 90) * 1000:.2f} ms",
-         f"{pct(lp, 99) * 1000:.2f} ms", f"{rps['busy']['prompt']:.1f}",
-         f"{rps['live']['prompt']:.1f}"],
-        ["POST /execute-workflow", f"{p50(lc) * 1000:.2f} ms", f"{pct(lc, 90) * 1000:.2f} ms",
-         f"{pct(lc, 99) * 1000:.2f} ms", f"{rps['busy']['courier']:.1f}",
-         f"{rps['live']['courier']:.1f}"],
-    ]))
-    print("   busy worker: a sleeping job holds ComfyUI's worker during the phase (as a GPU job\n"
-          "   would); live worker: the queued model-free jobs execute during the phase.")
-    print(f"   journal rows committed before the 202: {lat['committed']}/{lat['checked']}"
-          + (f"; unexpected answers: {lat['bad'][:3]}" if lat["bad"] else ""))
+    print(
+        table(
+            [
+                "endpoint",
+                "p50",
+                "p90",
+                "p99",
+                f"req/s @{args.clients} busy worker",
+                "req/s live worker",
+            ],
+            [
+                [
+                    "POST /prompt",
+                    f"{p50(lp) * 1000:.2f} ms",
+                    f"{pct(lp, 90) * 1000:.2f} ms",
+                    f"{pct(lp, 99) * 1000:.2f} ms",
+                    f"{rps['busy']['prompt']:.1f}",
+                    f"{rps['live']['prompt']:.1f}",
+                ],
+                [
+                    "POST /execute-workflow",
+                    f"{p50(lc) * 1000:.2f} ms",
+                    f"{pct(lc, 90) * 1000:.2f} ms",
+                    f"{pct(lc, 99) * 1000:.2f} ms",
+                    f"{rps['busy']['courier']:.1f}",
+                    f"{rps['live']['courier']:.1f}",
+                ],
+            ],
+        )
+    )
+    print(
+        "   busy worker: a sleeping job holds ComfyUI's worker during the phase (as a GPU job\n"
+        "   would); live worker: the queued model-free jobs execute during the phase."
+    )
+    print(
+        f"   journal rows committed before the 202: {lat['committed']}/{lat['checked']}"
+        + (f"; unexpected answers: {lat['bad'][:3]}" if lat["bad"] else "")
+    )
     ok_lat = lat_ratio <= 1.0 and lat["committed"] == lat["checked"]
-    print(f"RESULT intake p50 ratio                  {lat_ratio:.2f}x (target <= 1.00x)  "
-          f"{verdict(ok_lat)}")
+    print(
+        f"RESULT intake p50 ratio                  {lat_ratio:.2f}x (target <= 1.00x)  "
+        f"{verdict(ok_lat)}"
+    )
     for m in modes:
-        print(f"RESULT intake req/s ratio, {m} worker     {ratios[m]:.2f}x (target >= 0.80x)  "
-              f"{verdict(ratios[m] >= 0.8)}")
-    write_json(args, {"facts": facts, "n": n, "clients": args.clients, "duration": duration,
-                      "latency_p50_ms": {"prompt": p50(lp) * 1000, "courier": p50(lc) * 1000},
-                      "latency_p90_ms": {"prompt": pct(lp, 90) * 1000,
-                                         "courier": pct(lc, 90) * 1000},
-                      "rps": rps, "phases": phases, "latency_ratio": lat_ratio,
-                      "rps_ratio": ratios, "committed": lat["committed"],
-                      "checked": lat["checked"], "bad": lat["bad"][:10]})
+        print(
+            f"RESULT intake req/s ratio, {m} worker     {ratios[m]:.2f}x (target >= 0.80x)  "
+            f"{verdict(ratios[m] >= 0.8)}"
+        )
+    write_json(
+        args,
+        {
+            "facts": facts,
+            "n": n,
+            "clients": args.clients,
+            "duration": duration,
+            "latency_p50_ms": {"prompt": p50(lp) * 1000, "courier": p50(lc) * 1000},
+            "latency_p90_ms": {"prompt": pct(lp, 90) * 1000, "courier": pct(lc, 90) * 1000},
+            "rps": rps,
+            "phases": phases,
+            "latency_ratio": lat_ratio,
+            "rps_ratio": ratios,
+            "committed": lat["committed"],
+            "checked": lat["checked"],
+            "bad": lat["bad"][:10],
+        },
+    )
     return 0
 
 

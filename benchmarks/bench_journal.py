@@ -9,7 +9,8 @@ record_image with the URL, finish with its callback event, record_delivery), usi
 txt2img sample workflow as the stored workflow. Two servers, A (empty) and B (100k), are
 started one after the other (start-up time of each is reported), then measured side by side:
 POST /execute-workflow one request at a time alternating A and B in random order, each
-followed by GET /execute-workflow/{id} of an old job; then GET /courier/health on its own. RSS (VmRSS, /proc) of both
+followed by GET /execute-workflow/{id} of an existing job (one of the 100k old ones on B, the
+job just posted on A); then GET /courier/health on its own. RSS (VmRSS, /proc) of both
 server processes at ready and after the requests. Verdicts: intake p50 B/A <= 1.05 (no
 slowdown beyond noise); RSS B - A <= 8 MiB (SQLite's default page cache is 2 MiB; the rest
 is allocator noise between two processes).
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import socket
 import sys
@@ -32,9 +32,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    COURIER_HEADERS, RawClient, TempDir, base_parser, comfy_dir_of, patch_names, courier_body, free_port, p50,
-    pct, print_header, start_peers, start_server, table, unique_id, use_repo_package, verdict,
-    workflow, write_json)
+    COURIER_HEADERS,
+    RawClient,
+    TempDir,
+    base_parser,
+    comfy_dir_of,
+    courier_body,
+    free_port,
+    p50,
+    patch_names,
+    pct,
+    print_header,
+    start_peers,
+    start_server,
+    table,
+    unique_id,
+    use_repo_package,
+    verdict,
+    workflow,
+    write_json,
+)
 
 
 def fill(path: Path, rows: int, instance: str) -> dict[str, float]:
@@ -49,18 +66,39 @@ def fill(path: Path, rows: int, instance: str) -> dict[str, float]:
     for i in range(rows):
         now = time.time() - (rows - i)  # spread over the past, oldest first
         cid = f"old-{i:06d}"
-        job = Job(content_request_id=cid, attempt=1, prompt_id=str(uuid.uuid4()),
-                  instance=instance, workflow=wf, fingerprint=f"{i:064x}", created_at=now)
+        job = Job(
+            content_request_id=cid,
+            attempt=1,
+            prompt_id=str(uuid.uuid4()),
+            instance=instance,
+            workflow=wf,
+            fingerprint=f"{i:064x}",
+            created_at=now,
+        )
         journal.insert(job)
-        output = Output("9", 0, f"{cid}/1-1.png", "image/png", 412345, 1080, 1920,
-                        None, f"/output/social_{i:05}_.png")
+        output = Output(
+            "9",
+            0,
+            f"{cid}/1-1.png",
+            "image/png",
+            412345,
+            1080,
+            1920,
+            None,
+            f"/output/social_{i:05}_.png",
+        )
         journal.record_image(job, 1, output)
         journal.set_state(job.prompt_id, JobState.RUNNING, started_at=now + 0.01)
-        journal.set_state(job.prompt_id, JobState.UPLOADING, executed_at=now + 1.0,
-                          expected_images=1)
-        stored = Output(**{**output.__dict__,
-                           "url": f"https://project.supabase.co/storage/v1/object/public/"
-                                  f"comfy-outputs/{cid}/1-1.png"})
+        journal.set_state(
+            job.prompt_id, JobState.UPLOADING, executed_at=now + 1.0, expected_images=1
+        )
+        stored = Output(
+            **{
+                **output.__dict__,
+                "url": f"https://project.supabase.co/storage/v1/object/public/"
+                f"comfy-outputs/{cid}/1-1.png",
+            }
+        )
         journal.record_image(job, 1, stored)
         job.state = JobState.SUCCESS
         job.outputs = [stored]
@@ -86,25 +124,33 @@ def workflow_for_fill() -> dict[str, Any]:
 async def measure(urls: dict[str, str], n: int, gap: float) -> dict[str, dict[str, list[float]]]:
     wf = workflow("model-free.json")
     clients = {k: RawClient(u) for k, u in urls.items()}
-    out: dict[str, dict[str, list[float]]] = {k: {"intake": [], "status": [], "health": []}
-                                              for k in urls}
+    out: dict[str, dict[str, list[float]]] = {
+        k: {"intake": [], "status": [], "health": []} for k in urls
+    }
     bad: list[str] = []
+    last: dict[str, str] = {}
     for _ in range(n):
         order = list(urls)
         random.shuffle(order)
         for key in order:
             c = clients[key]
             t0 = time.perf_counter()
-            status, raw = await c.request("POST", "/execute-workflow",
-                                          courier_body(wf, unique_id("j")), COURIER_HEADERS)
+            cid = unique_id("j")
+            status, raw = await c.request(
+                "POST", "/execute-workflow", courier_body(wf, cid), COURIER_HEADERS
+            )
+            last[key] = cid
             out[key]["intake"].append(time.perf_counter() - t0)
             if status != 202:
                 bad.append(f"{key}: {status} {raw[:200]!r}")
             await asyncio.sleep(gap)
-            old = f"old-{random.randrange(1000):06d}"
+            # an existing job on each: an old one among the 100k in B, a recent one in A
+            old = f"old-{random.randrange(1000):06d}" if key == "B" else last[key]
             t0 = time.perf_counter()
-            await c.request("GET", f"/execute-workflow/{old}", b"", COURIER_HEADERS)
+            st, _ = await c.request("GET", f"/execute-workflow/{old}", b"", COURIER_HEADERS)
             out[key]["status"].append(time.perf_counter() - t0)
+            if st != 200:
+                bad.append(f"{key}: status {old} -> {st}")
             await asyncio.sleep(gap)
     # health last, on its own: with many rows it scans the outbox on the journal thread,
     # which would otherwise delay the intake samples that follow it
@@ -129,8 +175,11 @@ def main() -> int:
     comfy = comfy_dir_of(args)
     rows = args.rows or (20_000 if args.quick else 100_000)
     n = args.requests or (40 if args.quick else 200)
-    facts = print_header(f"journal: empty vs {rows:,} finished jobs",
-                         "intake p50 (full/empty) <= 1.05x; RSS(full) - RSS(empty) <= 8 MiB", args)
+    facts = print_header(
+        f"journal: empty vs {rows:,} finished jobs",
+        "intake p50 (full/empty) <= 1.05x; RSS(full) - RSS(empty) <= 8 MiB",
+        args,
+    )
     host = socket.gethostname()
     with TempDir(args.keep, "bench-journal-") as tmp:
         ports = {"A": free_port(), "B": free_port()}
@@ -142,16 +191,26 @@ def main() -> int:
 
         Journal(dbs["A"]).close()
         filled = fill(dbs["B"], rows, f"{host}:{ports['B']}")
-        print(f"   filled : {rows:,} jobs in {filled['seconds']:.1f} s "
-              f"({filled['jobs_per_s']:.0f} jobs/s, 7 transactions each); "
-              f"journal {filled['bytes'] / 2**20:.1f} MiB")
+        print(
+            f"   filled : {rows:,} jobs in {filled['seconds']:.1f} s "
+            f"({filled['jobs_per_s']:.0f} jobs/s, 7 transactions each); "
+            f"journal {filled['bytes'] / 2**20:.1f} MiB"
+        )
         peers = start_peers(tmp / "peers.log")
         servers = {}
         try:
             for key in ("A", "B"):
-                servers[key] = start_server(tmp / key, comfy, {
-                    "COURIER_DB": str(dbs[key]), "COURIER_CALLBACK_URL": peers.callback_url,
-                    "COURIER_MAX_QUEUE": "100000"}, port=ports[key], patches=patch_names(args))
+                servers[key] = start_server(
+                    tmp / key,
+                    comfy,
+                    {
+                        "COURIER_DB": str(dbs[key]),
+                        "COURIER_CALLBACK_URL": peers.callback_url,
+                        "COURIER_MAX_QUEUE": "100000",
+                    },
+                    port=ports[key],
+                    patches=patch_names(args),
+                )
                 servers[key].wait_up()
             rss_ready = {k: s.rss() for k, s in servers.items()}
             asyncio.run(measure({k: s.url for k, s in servers.items()}, 10, 0.02))  # warm-up
@@ -169,27 +228,67 @@ def main() -> int:
             peers.stop()
     a, b = res["A"], res["B"]
     label = {"A": "A: empty journal", "B": f"B: {rows:,} finished jobs"}
-    print(table(["server", "start-up", "intake p50", "intake p90", "status p50", "health p50",
-                 "RSS ready", "RSS after", "RSS peak"], [
-        [label[k], f"{up[k]:.1f} s", f"{p50(res[k]['intake']) * 1000:.2f} ms",
-         f"{pct(res[k]['intake'], 90) * 1000:.2f} ms", f"{p50(res[k]['status']) * 1000:.2f} ms",
-         f"{p50(res[k]['health']) * 1000:.2f} ms", f"{rss_ready[k]['VmRSS'] / 1024:.1f} MiB",
-         f"{rss_after[k]['VmRSS'] / 1024:.1f} MiB", f"{rss_after[k]['VmHWM'] / 1024:.1f} MiB"]
-        for k in ("A", "B")]))
+    print(
+        table(
+            [
+                "server",
+                "start-up",
+                "intake p50",
+                "intake p90",
+                "status p50",
+                "health p50",
+                "RSS ready",
+                "RSS after",
+                "RSS peak",
+            ],
+            [
+                [
+                    label[k],
+                    f"{up[k]:.1f} s",
+                    f"{p50(res[k]['intake']) * 1000:.2f} ms",
+                    f"{pct(res[k]['intake'], 90) * 1000:.2f} ms",
+                    f"{p50(res[k]['status']) * 1000:.2f} ms",
+                    f"{p50(res[k]['health']) * 1000:.2f} ms",
+                    f"{rss_ready[k]['VmRSS'] / 1024:.1f} MiB",
+                    f"{rss_after[k]['VmRSS'] / 1024:.1f} MiB",
+                    f"{rss_after[k]['VmHWM'] / 1024:.1f} MiB",
+                ]
+                for k in ("A", "B")
+            ],
+        )
+    )
     ratio = p50(b["intake"]) / p50(a["intake"])
     rss_delta = (rss_after["B"]["VmRSS"] - rss_after["A"]["VmRSS"]) / 1024
     growth = {k: (rss_after[k]["VmRSS"] - rss_warm[k]["VmRSS"]) / 1024 for k in ("A", "B")}
     health_ratio = p50(b["health"]) / p50(a["health"])
-    print(f"   RSS growth over {n} requests: A {growth['A']:+.1f} MiB, B {growth['B']:+.1f} MiB; "
-          f"health p50 B/A {health_ratio:.2f}x")
-    print(f"RESULT journal intake p50 ratio {ratio:.2f}x (target <= 1.05x)  {verdict(ratio <= 1.05)}")
-    print(f"RESULT journal RSS delta        {rss_delta:+.1f} MiB (target <= 8 MiB)  "
-          f"{verdict(rss_delta <= 8)}")
-    write_json(args, {"facts": facts, "rows": rows, "fill": filled, "requests": n,
-                      "startup_s": up, "rss_ready": rss_ready, "rss_warm": rss_warm,
-                      "rss_after": rss_after, "intake_ratio": ratio, "rss_delta_mib": rss_delta,
-                      "health_ratio": health_ratio,
-                      "p50_ms": {k: {m: p50(v) * 1000 for m, v in res[k].items()} for k in res}})
+    print(
+        f"   RSS growth over {n} requests: A {growth['A']:+.1f} MiB, B {growth['B']:+.1f} MiB; "
+        f"health p50 B/A {health_ratio:.2f}x"
+    )
+    print(
+        f"RESULT journal intake p50 ratio {ratio:.2f}x (target <= 1.05x)  {verdict(ratio <= 1.05)}"
+    )
+    print(
+        f"RESULT journal RSS delta        {rss_delta:+.1f} MiB (target <= 8 MiB)  "
+        f"{verdict(rss_delta <= 8)}"
+    )
+    write_json(
+        args,
+        {
+            "facts": facts,
+            "rows": rows,
+            "fill": filled,
+            "requests": n,
+            "startup_s": up,
+            "rss_ready": rss_ready,
+            "rss_warm": rss_warm,
+            "rss_after": rss_after,
+            "intake_ratio": ratio,
+            "rss_delta_mib": rss_delta,
+            "health_ratio": health_ratio,
+            "p50_ms": {k: {m: p50(v) * 1000 for m, v in res[k].items()} for k in res},
+        },
+    )
     return 0
 
 

@@ -24,11 +24,21 @@ class CourierBenchSleep:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {
-            "images": ("IMAGE", {"tooltip": "passed through"}),
-            "seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3600.0, "step": 0.01,
-                                  "tooltip": "how long to hold the worker"}),
-        }}
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "passed through"}),
+                "seconds": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 3600.0,
+                        "step": 0.01,
+                        "tooltip": "how long to hold the worker",
+                    },
+                ),
+            }
+        }
 
     @classmethod
     def IS_CHANGED(cls, **kwargs: Any) -> float:

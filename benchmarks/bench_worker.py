@@ -25,26 +25,51 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    COURIER_HEADERS, SERVICE_KEY, RawClient, TempDir, base_parser, comfy_dir_of, patch_names, courier_body,
-    history_span, http_json, p50, print_header, prompt_body, start_peers, start_server, table, unique_id,
-    verdict, workflow, write_json)
+    COURIER_HEADERS,
+    SERVICE_KEY,
+    RawClient,
+    TempDir,
+    base_parser,
+    comfy_dir_of,
+    courier_body,
+    history_span,
+    http_json,
+    p50,
+    patch_names,
+    print_header,
+    prompt_body,
+    start_peers,
+    start_server,
+    table,
+    unique_id,
+    verdict,
+    workflow,
+    write_json,
+)
 
 
 def job_maker(comfy: Path | None, name: str) -> tuple[str, Callable[[int], dict[str, Any]]]:
     if comfy is None:
+
         def standin(i: int) -> dict[str, Any]:
             return {
-                "1": {"class_type": "EmptyImage",
-                      "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": i}},
+                "1": {
+                    "class_type": "EmptyImage",
+                    "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": i},
+                },
                 "2": {"class_type": "SlowNode", "inputs": {"images": ["1", 0], "seconds": 0.05}},
-                "3": {"class_type": "SaveAndCallback",
-                      "inputs": {"images": ["2", 0], "filename_prefix": "worker"}},
+                "3": {
+                    "class_type": "SaveAndCallback",
+                    "inputs": {"images": ["2", 0], "filename_prefix": "worker"},
+                },
             }
+
         return "EmptyImage 512x512 -> SlowNode 50 ms -> SaveAndCallback (stand-in)", standin
     checkpoint = comfy / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
     if name == "txt2img" and checkpoint.exists():
@@ -54,6 +79,7 @@ def job_maker(comfy: Path | None, name: str) -> tuple[str, Callable[[int], dict[
             wf = json.loads(json.dumps(base))
             wf["3"]["inputs"]["seed"] = 1000 + i
             return wf
+
         return "txt2img-sd15.json (tiny checkpoint, 64x64, 2 steps; new seed per job)", txt2img
     base = workflow("model-free.json")
 
@@ -61,16 +87,24 @@ def job_maker(comfy: Path | None, name: str) -> tuple[str, Callable[[int], dict[
         wf = json.loads(json.dumps(base))
         wf["1"]["inputs"].update({"width": 512, "height": 512, "color": i})
         return wf
+
     return "model-free.json at 512x512 (new colour per job)", model_free
 
 
-async def run_batch(url: str, peers: Any, make: Callable[[int], dict[str, Any]], jobs: int,
-                    seq: int, timeout: float = 600.0) -> dict[str, Any]:
+async def run_batch(
+    url: str,
+    peers: Any,
+    make: Callable[[int], dict[str, Any]],
+    jobs: int,
+    seq: int,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
     async def post(i: int) -> tuple[str, str]:
         cid = unique_id("worker")
         client = RawClient(url)
-        status, raw = await client.request("POST", "/execute-workflow",
-                                           courier_body(make(seq * 1000 + i), cid), COURIER_HEADERS)
+        status, raw = await client.request(
+            "POST", "/execute-workflow", courier_body(make(seq * 1000 + i), cid), COURIER_HEADERS
+        )
         await client.close()
         if status != 202:
             raise RuntimeError(f"POST /execute-workflow -> {status}: {raw[:300]!r}")
@@ -98,9 +132,12 @@ async def run_batch(url: str, peers: Any, make: Callable[[int], dict[str, Any]],
         execs.append(end - start)
     failed = [cb for cb in got.values() if cb["status"] != "success"]
     uploads = [cb["body"].get("timings", {}).get("upload_ms") for cb in got.values()]
-    return {"span_ms": max(ends) - min(starts), "exec_sum_ms": sum(execs),
-            "upload_ms_p50": p50([u for u in uploads if u is not None]),
-            "failed": len(failed)}
+    return {
+        "span_ms": max(ends) - min(starts),
+        "exec_sum_ms": sum(execs),
+        "upload_ms_p50": p50([u for u in uploads if u is not None]),
+        "failed": len(failed),
+    }
 
 
 def plain_of(wf: dict[str, Any]) -> dict[str, Any]:
@@ -113,13 +150,16 @@ def plain_of(wf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def run_plain_batch(url: str, make: Callable[[int], dict[str, Any]], jobs: int,
-                          seq: int, timeout: float = 600.0) -> dict[str, Any]:
+async def run_plain_batch(
+    url: str, make: Callable[[int], dict[str, Any]], jobs: int, seq: int, timeout: float = 600.0
+) -> dict[str, Any]:
     """The same jobs through POST /prompt with SaveImage: ComfyUI without the courier."""
+
     async def post(i: int) -> str:
         client = RawClient(url)
-        status, raw = await client.request("POST", "/prompt",
-                                           prompt_body(plain_of(make(seq * 1000 + i))))
+        status, raw = await client.request(
+            "POST", "/prompt", prompt_body(plain_of(make(seq * 1000 + i)))
+        )
         await client.close()
         if status != 200:
             raise RuntimeError(f"POST /prompt -> {status}: {raw[:300]!r}")
@@ -140,7 +180,8 @@ async def run_plain_batch(url: str, make: Callable[[int], dict[str, Any]], jobs:
             if time.monotonic() > deadline:
                 raise RuntimeError("plain batch did not finish")
             await asyncio.sleep(0.1)
-    return {"span_ms": max(ends) - min(starts), "exec_sum_ms": sum(e - s for s, e in zip(starts, ends))}
+    execs = [e - s for s, e in zip(starts, ends, strict=True)]
+    return {"span_ms": max(ends) - min(starts), "exec_sum_ms": sum(execs)}
 
 
 def main() -> int:
@@ -148,14 +189,17 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.6, help="storage answer delay (s)")
     parser.add_argument("--rounds", type=int, help="ABBA rounds (2 batches of each per round)")
-    parser.add_argument("--workflow", choices=["txt2img", "model-free"], default="txt2img",
-                        help="real ComfyUI only")
+    parser.add_argument(
+        "--workflow", choices=["txt2img", "model-free"], default="txt2img", help="real ComfyUI only"
+    )
     args = parser.parse_args()
     comfy = comfy_dir_of(args)
     rounds = args.rounds or (1 if args.quick else 3)
-    facts = print_header("worker: busy span of back-to-back jobs, slow vs instant storage",
-                         f"span with storage {args.delay * 1000:.0f} ms late <= 1.05x span "
-                         "with instant storage", args)
+    facts = print_header(
+        "worker: busy span of back-to-back jobs, slow vs instant storage",
+        f"span with storage {args.delay * 1000:.0f} ms late <= 1.05x span with instant storage",
+        args,
+    )
     description, make = job_maker(comfy, args.workflow)
     print(f"   jobs   : {args.jobs} per batch; {description}")
     spans: dict[float, list[float]] = {0.0: [], args.delay: []}
@@ -163,12 +207,17 @@ def main() -> int:
     rows = []
     with TempDir(args.keep, "bench-worker-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_server(tmp / "server", comfy, {
-            "COURIER_STORAGE": "supabase",
-            "SUPABASE_URL": peers.storage_url,
-            "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
-            "COURIER_CALLBACK_URL": peers.callback_url,
-        }, patches=patch_names(args))
+        server = start_server(
+            tmp / "server",
+            comfy,
+            {
+                "COURIER_STORAGE": "supabase",
+                "SUPABASE_URL": peers.storage_url,
+                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+                "COURIER_CALLBACK_URL": peers.callback_url,
+            },
+            patches=patch_names(args),
+        )
         try:
             server.wait_up()
             peers.set_delay(0.0)
@@ -181,31 +230,57 @@ def main() -> int:
                 if delay is None:
                     result = asyncio.run(run_plain_batch(server.url, make, args.jobs, seq))
                     plain.append(result["span_ms"])
-                    rows.append(["plain /prompt + SaveImage", f"{result['span_ms']:.0f} ms",
-                                 f"{result['exec_sum_ms']:.0f} ms", "-", "-"])
+                    rows.append(
+                        [
+                            "plain /prompt + SaveImage",
+                            f"{result['span_ms']:.0f} ms",
+                            f"{result['exec_sum_ms']:.0f} ms",
+                            "-",
+                            "-",
+                        ]
+                    )
                     server.drain()
                     continue
                 peers.set_delay(delay)
                 result = asyncio.run(run_batch(server.url, peers, make, args.jobs, seq))
                 spans[delay].append(result["span_ms"])
-                rows.append([f"courier, storage +{delay * 1000:.0f} ms",
-                             f"{result['span_ms']:.0f} ms", f"{result['exec_sum_ms']:.0f} ms",
-                             f"{result['upload_ms_p50']:.0f} ms", result["failed"]])
+                rows.append(
+                    [
+                        f"courier, storage +{delay * 1000:.0f} ms",
+                        f"{result['span_ms']:.0f} ms",
+                        f"{result['exec_sum_ms']:.0f} ms",
+                        f"{result['upload_ms_p50']:.0f} ms",
+                        result["failed"],
+                    ]
+                )
                 server.drain()
         finally:
             server.stop()
             peers.stop()
-    print(table(["batch", "busy span", "sum of job executions",
-                 "callback upload_ms p50", "failed"], rows))
+    print(
+        table(
+            ["batch", "busy span", "sum of job executions", "callback upload_ms p50", "failed"],
+            rows,
+        )
+    )
     fast, slow = p50(spans[0.0]), p50(spans[args.delay])
     ratio = slow / fast
-    print(f"   median span: instant {fast:.0f} ms, {args.delay * 1000:.0f} ms late {slow:.0f} ms, "
-          f"plain ComfyUI {p50(plain):.0f} ms (courier/plain {fast / p50(plain):.3f}x)")
+    print(
+        f"   median span: instant {fast:.0f} ms, {args.delay * 1000:.0f} ms late {slow:.0f} ms, "
+        f"plain ComfyUI {p50(plain):.0f} ms (courier/plain {fast / p50(plain):.3f}x)"
+    )
     print(f"RESULT worker span ratio     {ratio:.3f}x (target <= 1.05x)  {verdict(ratio <= 1.05)}")
-    write_json(args, {"facts": facts, "jobs": args.jobs, "workflow": description,
-                      "spans_ms": {"instant": spans[0.0], "slow": spans[args.delay],
-                                   "plain": plain},
-                      "ratio": ratio, "rows": rows})
+    write_json(
+        args,
+        {
+            "facts": facts,
+            "jobs": args.jobs,
+            "workflow": description,
+            "spans_ms": {"instant": spans[0.0], "slow": spans[args.delay], "plain": plain},
+            "ratio": ratio,
+            "rows": rows,
+        },
+    )
     return 0
 
 

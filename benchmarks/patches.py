@@ -33,7 +33,6 @@ apply(names) patches the classes of an already imported comfy_courier package.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import uuid
@@ -50,7 +49,7 @@ log = logging.getLogger("comfy_courier.bench_patches")
 def _package_modules() -> dict[str, ModuleType]:
     """The loaded modules of this checkout's package, whatever name ComfyUI gave it."""
     found: dict[str, ModuleType] = {}
-    for name, module in list(sys.modules.items()):
+    for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
         if not file:
             continue
@@ -77,8 +76,14 @@ def apply(names: tuple[str, ...] = ALL) -> list[str]:
     jobs_mod = mods["executor.jobs"]
     done = []
     if {"P1", "P5", "P6", "P7"} & set(names):
-        _p1(courier_mod, journal_mod, jobs_mod, lane="P5" in names, inline="P6" in names,
-            fast_position="P7" in names)
+        _p1(
+            courier_mod,
+            journal_mod,
+            jobs_mod,
+            lane="P5" in names,
+            inline="P6" in names,
+            fast_position="P7" in names,
+        )
         done += [p for p in ("P1", "P5", "P6", "P7") if p in names]
     if "P2" in names:
         _p2(courier_mod, delivery_mod, journal_mod)
@@ -96,8 +101,14 @@ def apply(names: tuple[str, ...] = ALL) -> list[str]:
 # -- P1 ----------------------------------------------------------------------------------
 
 
-def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType,
-        lane: bool = False, inline: bool = False, fast_position: bool = False) -> None:
+def _p1(
+    courier_mod: ModuleType,
+    journal_mod: ModuleType,
+    jobs_mod: ModuleType,
+    lane: bool = False,
+    inline: bool = False,
+    fast_position: bool = False,
+) -> None:
     import sqlite3
 
     Journal = journal_mod.Journal
@@ -124,8 +135,11 @@ def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType,
             existing = self._job(row) if row else None
             if existing is not None and (not existing.final or existing.state is JobState.SUCCESS):
                 return "replay", existing, 0
-            unfinished = int(db.execute(
-                "SELECT count(*) FROM jobs WHERE state NOT IN ('success', 'error')").fetchone()[0])
+            unfinished = int(
+                db.execute(
+                    "SELECT count(*) FROM jobs WHERE state NOT IN ('success', 'error')"
+                ).fetchone()[0]
+            )
             if unfinished >= max_queue:
                 return "full", existing, unfinished
             if not insert:
@@ -134,8 +148,17 @@ def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType,
             db.execute(
                 "INSERT INTO jobs (content_request_id, attempt, prompt_id, instance, state,"
                 " workflow, fingerprint, runs, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (job.content_request_id, job.attempt, job.prompt_id, job.instance,
-                 job.state.value, job.workflow, job.fingerprint, job.runs, job.created_at),
+                (
+                    job.content_request_id,
+                    job.attempt,
+                    job.prompt_id,
+                    job.instance,
+                    job.state.value,
+                    job.workflow,
+                    job.fingerprint,
+                    job.runs,
+                    job.created_at,
+                ),
             )
             db.execute(
                 "UPDATE outbox SET state = 'dropped', updated_at = ?"
@@ -148,9 +171,14 @@ def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType,
         cid = request.content_request_id
         async with self._locked(cid):
             job = jobs_mod.Job(
-                content_request_id=cid, attempt=0, prompt_id=str(uuid.uuid4()),
-                instance=self.instance, workflow=request.canonical,
-                fingerprint=request.fingerprint, created_at=self.clock())
+                content_request_id=cid,
+                attempt=0,
+                prompt_id=str(uuid.uuid4()),
+                instance=self.instance,
+                workflow=request.canonical,
+                fingerprint=request.fingerprint,
+                created_at=self.clock(),
+            )
             rejected = None
             try:
                 prompt, outputs = await self._validated_prompt(job, request.workflow)
@@ -178,13 +206,15 @@ def _p1(courier_mod: ModuleType, journal_mod: ModuleType, jobs_mod: ModuleType,
                 raise QueueFull(
                     f"comfy-courier has {unfinished} unfinished jobs "
                     f"(COURIER_MAX_QUEUE={self.settings.max_queue}); try again later",
-                    retry_after=self._retry_after())
+                    retry_after=self._retry_after(),
+                )
             if rejected is not None:
                 raise rejected
             accepted = replace(job)
             self._enqueue(job, prompt, outputs, intake.uses_courier_node(request.workflow))
-            courier_mod.log.info("[courier] queued id=%s attempt=%s prompt=%s", cid,
-                                 job.attempt, job.prompt_id)
+            courier_mod.log.info(
+                "[courier] queued id=%s attempt=%s prompt=%s", cid, job.attempt, job.prompt_id
+            )
             self.metrics.jobs_accepted.inc()
             if self.status_updates is not None:
                 self.status_updates.update(job, "queued", 0.0)
@@ -248,7 +278,8 @@ def _p2(courier_mod: ModuleType, delivery_mod: ModuleType, journal_mod: ModuleTy
     import contextvars
 
     finishing: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
-        "courier_bench_finishing", default=None)
+        "courier_bench_finishing", default=None
+    )
     Courier = courier_mod.Courier
     original_finish = Courier._finish
     original_call = JournalThread.__call__
@@ -263,8 +294,12 @@ def _p2(courier_mod: ModuleType, delivery_mod: ModuleType, journal_mod: ModuleTy
     async def call(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
         result = await original_call(self, fn, *args, **kwargs)
         fresh = finishing.get()
-        if fresh is not None and result is True and len(args) == 2 \
-                and isinstance(args[1], OutboxEvent):
+        if (
+            fresh is not None
+            and result is True
+            and len(args) == 2
+            and isinstance(args[1], OutboxEvent)
+        ):
             fresh.append(args[1])
         return result
 
@@ -304,10 +339,12 @@ def _p3(delivery_mod: ModuleType) -> None:
         session = getattr(self, "_aiohttp", None)
         if session is None or session.closed:
             session = self._aiohttp = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout))
+                timeout=aiohttp.ClientTimeout(total=self._timeout)
+            )
         try:
-            async with session.post(self._url, data=event.body, headers=headers,
-                                    allow_redirects=False) as response:
+            async with session.post(
+                self._url, data=event.body, headers=headers, allow_redirects=False
+            ) as response:
                 await response.read()
                 code = response.status
                 retry_after = response.headers.get("retry-after")

@@ -44,9 +44,15 @@ async def main(args: argparse.Namespace) -> None:
             body = json.loads(raw)
         except ValueError:
             body = {}
-        received.append({"cid": body.get("content_request_id"), "status": body.get("status"),
-                         "t": now, "webhook_id": request.headers.get("webhook-id"),
-                         "body": body})
+        received.append(
+            {
+                "cid": body.get("content_request_id"),
+                "status": body.get("status"),
+                "t": now,
+                "webhook_id": request.headers.get("webhook-id"),
+                "body": body,
+            }
+        )
         return web.json_response({"ok": True})
 
     async def callbacks(request: web.Request) -> web.Response:
@@ -75,8 +81,11 @@ async def main(args: argparse.Namespace) -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    print("READY " + json.dumps({"storage_url": storage_url,
-                                 "control_url": f"http://127.0.0.1:{port}"}), flush=True)
+    print(
+        "READY "
+        + json.dumps({"storage_url": storage_url, "control_url": f"http://127.0.0.1:{port}"}),
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

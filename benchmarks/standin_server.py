@@ -29,7 +29,6 @@ from _common import use_repo_package  # noqa: E402
 use_repo_package()
 
 from aiohttp import web  # noqa: E402
-
 from comfy_courier import wiring  # noqa: E402
 from comfy_courier.executor.settings import Settings  # noqa: E402
 from comfy_courier.routes import add_routes  # noqa: E402
@@ -50,7 +49,8 @@ def add_comfy_routes(comfy: StandinComfy, sockets: dict[str, web.WebSocketRespon
         number = comfy.number
         comfy.number += 1
         if "prompt" not in json_data:
-            return web.json_response({"error": {"type": "no_prompt"}, "node_errors": {}}, status=400)
+            error = {"type": "no_prompt", "message": "No prompt provided"}
+            return web.json_response({"error": error, "node_errors": {}}, status=400)
         prompt = json_data["prompt"]
         prompt_id = str(json_data.get("prompt_id", uuid.uuid4()))
         valid = await comfy.validate_prompt(prompt_id, prompt, None)
@@ -62,8 +62,9 @@ def add_comfy_routes(comfy: StandinComfy, sockets: dict[str, web.WebSocketRespon
             if comfy.version.startswith("0.33"):
                 item += ({},)
             queue.put(item)
-            return web.json_response({"prompt_id": prompt_id, "number": number,
-                                      "node_errors": valid[3]})
+            return web.json_response(
+                {"prompt_id": prompt_id, "number": number, "node_errors": valid[3]}
+            )
         log.warning("invalid prompt: %s", valid[1])
         return web.json_response({"error": valid[1], "node_errors": valid[3]}, status=400)
 
@@ -101,8 +102,9 @@ def add_comfy_routes(comfy: StandinComfy, sockets: dict[str, web.WebSocketRespon
         return web.json_response({"system": {"comfyui_version": comfy.version + "-standin"}})
 
 
-def notify_after_task_done(comfy: StandinComfy, loop: asyncio.AbstractEventLoop,
-                           sockets: dict[str, web.WebSocketResponse]) -> None:
+def notify_after_task_done(
+    comfy: StandinComfy, loop: asyncio.AbstractEventLoop, sockets: dict[str, web.WebSocketResponse]
+) -> None:
     """ComfyUI's prompt_worker sends `executing` node=None to the client after task_done."""
     queue = comfy.prompt_queue
     original = queue.task_done
@@ -183,9 +185,12 @@ def instrument(comfy: StandinComfy) -> None:
         out = {}
         for name, values in sorted(samples.items()):
             values.sort()
-            out[name] = {"n": len(values), "p50_ms": values[len(values) // 2] * 1000,
-                         "p90_ms": values[int(len(values) * 0.9)] * 1000,
-                         "mean_ms": sum(values) / len(values) * 1000}
+            out[name] = {
+                "n": len(values),
+                "p50_ms": values[len(values) // 2] * 1000,
+                "p90_ms": values[int(len(values) * 0.9)] * 1000,
+                "mean_ms": sum(values) / len(values) * 1000,
+            }
         samples.clear()
         return web.json_response(out)
 
@@ -252,7 +257,10 @@ if __name__ == "__main__":
     parser.add_argument("--version", default="0.3.64")
     parser.add_argument("--profile", help="cProfile the event-loop thread into this file")
     parser.add_argument("--patched", default="", help="apply patches.py fixes (P1,P2,...)")
-    parser.add_argument("--instrument", action="store_true",
-                        help="time journal calls and submit; GET /bench/instrument")
+    parser.add_argument(
+        "--instrument",
+        action="store_true",
+        help="time journal calls and submit; GET /bench/instrument",
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(main(parser.parse_args()))
