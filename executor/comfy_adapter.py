@@ -67,7 +67,6 @@ class ComfyAdapter:
         self._listen = listen
         self._port = port
         self._tls = tls
-        self._number_lock = threading.Lock()
         self._worker_seen = False
         self._worker_name = worker_name
         validate = getattr(execution, "validate_prompt", None)
@@ -192,18 +191,21 @@ class ComfyAdapter:
 
     def enqueue(
         self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
-    ) -> None:
-        with self._number_lock:  # /prompt does this on the loop too; the lock guards our threads
-            number = self.server.number
-            self.server.number += 1
-        item: tuple[Any, ...] = (number, prompt_id, prompt, extra_data, outputs)
-        if self.queue_item_length == 6:
-            item += ({},)  # `sensitive`: the courier never puts secrets in a job
+    ) -> int:
         # By now ComfyUI has installed its own progress hook; the idle worker may sit in one
         # long queue.get() call from start-up, so the get wrapper alone would miss this job.
         self._chain_progress_hook()
-        if self.queue.put(item) is False:  # some newer queues refuse a reused prompt_id
-            raise RuntimeError(f"ComfyUI refused to queue prompt {prompt_id}")
+        # The queue's lock is re-entrant: holding it from taking the number to reading the
+        # lengths makes this job the last in line, so its position needs no scan of the queue.
+        with self.queue.mutex:
+            number = self.server.number
+            self.server.number += 1
+            item: tuple[Any, ...] = (number, prompt_id, prompt, extra_data, outputs)
+            if self.queue_item_length == 6:
+                item += ({},)  # `sensitive`: the courier never puts secrets in a job
+            if self.queue.put(item) is False:  # some newer queues refuse a reused prompt_id
+                raise RuntimeError(f"ComfyUI refused to queue prompt {prompt_id}")
+            return len(self.queue.currently_running) + len(self.queue.queue) - 1
 
     # -- the queue ----------------------------------------------------------------------
 
@@ -211,8 +213,8 @@ class ComfyAdapter:
         # Read ids under the queue's own lock; get_current_queue() would deep-copy every
         # pending prompt, which costs milliseconds on a long queue.
         with self.queue.mutex:
-            running = [item[1] for item in self.queue.currently_running.values()]
-            pending = [item[1] for item in sorted(self.queue.queue, key=lambda i: i[0])]
+            running = frozenset(item[1] for item in self.queue.currently_running.values())
+            pending = {item[1]: item[0] for item in self.queue.queue}
         return QueueSnapshot(running, pending)
 
     def remove_pending(self, prompt_id: str) -> bool:

@@ -18,17 +18,24 @@ class Validation:
 
 @dataclass(frozen=True)
 class QueueSnapshot:
-    running: list[str]  # prompt ids being executed now
-    pending: list[str]  # prompt ids waiting, in execution order
+    """ComfyUI's queue at one moment, cheap to take: every queued job and every 0.5 s watch
+    takes one, so nothing here sorts or scans the whole queue per lookup."""
+
+    running: frozenset[str]  # prompt ids being executed now
+    pending: dict[str, float]  # prompt id -> ComfyUI's queue number (lower runs first)
 
     def position(self, prompt_id: str) -> int | None:
         """0 while running; n = prompts of the whole queue ahead of it; None if absent."""
         if prompt_id in self.running:
             return 0
-        try:
-            return len(self.running) + self.pending.index(prompt_id)
-        except ValueError:
+        number = self.pending.get(prompt_id)
+        if number is None:
             return None
+        return len(self.running) + sum(1 for other in self.pending.values() if other < number)
+
+    def in_order(self) -> list[str]:
+        """Pending prompt ids in the order ComfyUI will run them."""
+        return sorted(self.pending, key=self.pending.__getitem__)
 
     def __contains__(self, prompt_id: object) -> bool:
         return prompt_id in self.running or prompt_id in self.pending
@@ -62,7 +69,8 @@ class ComfyPort(Protocol):
 
     def enqueue(
         self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
-    ) -> None: ...
+    ) -> int:
+        """Queue the prompt; returns its queue position at that moment."""
 
     def queue_snapshot(self) -> QueueSnapshot: ...
 

@@ -31,7 +31,7 @@ from .errors import (
 )
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
-from .journal import DuplicateAttempt, Journal, JournalThread, OutboxEvent
+from .journal import Journal, JournalThread, OutboxEvent
 from .metrics import Metrics
 from .settings import Settings
 from .status_updates import StatusNotifier
@@ -88,7 +88,8 @@ class Courier:
                 outcome
             ).inc()
         self.ready = asyncio.Event()
-        self._runs: dict[str, Run] = {}
+        self._runs: dict[str, Run] = {}  # also the queue limit's count of unfinished jobs
+        self._admitting = 0  # requests between the queue-limit check and their insert
         self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
         self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, holders + waiters
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -145,61 +146,73 @@ class Courier:
                 self._id_locks[content_request_id] = (lock, users - 1)
 
     async def submit(self, request: intake.Request) -> tuple[int, dict[str, Any]]:
-        """Accept a job (202), replay a duplicate (200), or raise the matching error."""
+        """Accept a job (202), replay a duplicate (200), or raise the matching error.
+
+        The happy path makes one journal call: the workflow is validated first, then one
+        transaction applies the duplicate rule and inserts. The answers keep the contract's
+        order (duplicate, 429, validation): the rarer paths read the journal again.
+        """
         cid = request.content_request_id
         async with self._locked(cid):
-            existing = await self.db(Journal.latest, cid)
-            attempt = 1
-            if existing is not None:
-                if self._is_replay(existing, request):
-                    return 200, await self._status(existing)
-                attempt = existing.attempt + 1
-            unfinished = await self.db(Journal.count_unfinished)
-            if unfinished >= self.settings.max_queue:
+            if len(self._runs) + self._admitting >= self.settings.max_queue:
+                replay = await self._duplicate_answer(request)
+                if replay is not None:
+                    return replay
                 raise QueueFull(
-                    f"comfy-courier has {unfinished} unfinished jobs "
+                    f"comfy-courier has {len(self._runs)} unfinished jobs "
                     f"(COURIER_MAX_QUEUE={self.settings.max_queue}); try again later",
                     retry_after=self._retry_after(),
                 )
-            job = Job(
-                content_request_id=cid,
-                attempt=attempt,
-                prompt_id=str(uuid.uuid4()),
-                instance=self.instance,
-                workflow=request.canonical,
-                fingerprint=request.fingerprint,
-                created_at=self.clock(),
-            )
-            prompt, outputs = await self._validated_prompt(job, request.workflow)
+            self._admitting += 1  # holds a place in the queue limit while validating
             try:
-                await self.db(Journal.insert, job)
-            except DuplicateAttempt:
-                # Another ComfyUI process sharing the journal accepted this attempt first.
-                winner = await self.db(Journal.latest, cid)
-                if winner is not None and self._is_replay(winner, request):
-                    return 200, await self._status(winner)
-                raise Conflict(
-                    f"content_request_id {cid!r} is being submitted concurrently; retry the request"
-                ) from None
-            accepted = replace(job)  # the 202 reports the job as accepted, even if it already runs
-            self._enqueue(job, prompt, outputs, intake.uses_courier_node(request.workflow))
-            log.info("[courier] queued id=%s attempt=%s prompt=%s", cid, attempt, job.prompt_id)
-            self.metrics.jobs_accepted.inc()
-            if self.status_updates is not None:
-                self.status_updates.update(job, "queued", 0.0)
-            return 202, await self._status(accepted)
+                job = Job(
+                    content_request_id=cid,
+                    attempt=0,  # set by Journal.admit
+                    prompt_id=str(uuid.uuid4()),
+                    instance=self.instance,
+                    workflow=request.canonical,
+                    fingerprint=request.fingerprint,
+                    created_at=self.clock(),
+                )
+                try:
+                    prompt, outputs = await self._validated_prompt(job, request.workflow)
+                except WorkflowRejected:
+                    replay = await self._duplicate_answer(request)
+                    if replay is not None:
+                        return replay
+                    raise
+                blocking = await self.db(Journal.admit, job)
+                if blocking is not None:
+                    return await self._replay(blocking, request)
+                position = self._enqueue(
+                    job, prompt, outputs, intake.uses_courier_node(request.workflow)
+                )
+            finally:
+                self._admitting -= 1
+        log.info("[courier] queued id=%s attempt=%s prompt=%s", cid, job.attempt, job.prompt_id)
+        self.metrics.jobs_accepted.inc()
+        # No status read: the job was queued a moment ago on this loop and has no event yet.
+        callback = CallbackSummary("pending" if self._will_call_back(job) else "none")
+        body = status_body(job, callback, position, 0.0)
+        if self.status_updates is not None:
+            self.status_updates.update(job, "queued", 0.0)
+        return 202, body
 
-    @staticmethod
-    def _is_replay(existing: Job, request: intake.Request) -> bool:
-        """True when `request` repeats a job that runs or succeeded (409 if it differs)."""
-        if existing.fingerprint != request.fingerprint:
+    async def _duplicate_answer(self, request: intake.Request) -> tuple[int, dict[str, Any]] | None:
+        """The duplicate rule's answer for `request` (200 replay, or raises 409), if any."""
+        latest = await self.db(Journal.latest, request.content_request_id)
+        if latest is None or not latest.blocks(request.fingerprint):
+            return None
+        return await self._replay(latest, request)
+
+    async def _replay(self, latest: Job, request: intake.Request) -> tuple[int, dict[str, Any]]:
+        if latest.fingerprint != request.fingerprint:
             raise IdempotencyConflict(
-                f"content_request_id {existing.content_request_id!r} was already accepted with "
+                f"content_request_id {latest.content_request_id!r} was already accepted with "
                 "a different workflow; use a new id for a new request",
-                content_request_id=existing.content_request_id,
+                content_request_id=latest.content_request_id,
             )
-        # after a final error, the same request starts a new attempt
-        return not (existing.final and existing.state is not JobState.SUCCESS)
+        return 200, await self._status(latest)
 
     async def _validated_prompt(
         self, job: Job, workflow: dict[str, Any]
@@ -219,14 +232,15 @@ class Courier:
 
     def _enqueue(
         self, job: Job, prompt: dict[str, Any], outputs: list[str], uses_node: bool
-    ) -> None:
+    ) -> int:
+        """Put the job on ComfyUI's queue; returns its queue position."""
         self._runs[job.prompt_id] = Run(job, uses_node)
         extra_data = {
             "client_id": self.comfy.client_id,
             "create_time": int(self.clock() * 1000),
             "courier": {"content_request_id": job.content_request_id, "attempt": job.attempt},
         }
-        self.comfy.enqueue(job.prompt_id, prompt, extra_data, outputs)
+        return self.comfy.enqueue(job.prompt_id, prompt, extra_data, outputs)
 
     def _retry_after(self) -> int:
         return 10
@@ -461,7 +475,9 @@ class Courier:
         job.state = JobState.UPLOADING
         log.info(
             "[courier] uploading id=%s prompt=%s images=%d",
-            job.content_request_id, job.prompt_id, len(run.uploads),
+            job.content_request_id,
+            job.prompt_id,
+            len(run.uploads),
         )
         await self._finish_uploads(run)
 
@@ -798,7 +814,7 @@ class Courier:
         outbox = await self.db(Journal.outbox_counts)
         return self.metrics.render(
             {
-                "courier_unfinished_jobs": await self.db(Journal.count_unfinished),
+                "courier_unfinished_jobs": len(self._runs),
                 "courier_comfy_queue_pending": len(snapshot.pending),
                 "courier_comfy_queue_running": len(snapshot.running),
                 "courier_outbox_pending": outbox.get("pending", 0),
@@ -808,7 +824,6 @@ class Courier:
 
     async def health(self) -> dict[str, Any]:
         snapshot = self.comfy.queue_snapshot()
-        unfinished = await self.db(Journal.count_unfinished)
         outbox = await self.db(Journal.outbox_counts)
         return {
             "ok": True,
@@ -816,7 +831,7 @@ class Courier:
             "queue": {
                 "comfy_running": len(snapshot.running),
                 "comfy_pending": len(snapshot.pending),
-                "courier_unfinished": unfinished,
+                "courier_unfinished": len(self._runs),  # of this process, as the limit counts
                 "courier_max": self.settings.max_queue,
             },
             "outbox": {

@@ -84,6 +84,15 @@ class Job:
     def final(self) -> bool:
         return self.state.final
 
+    def blocks(self, fingerprint: str) -> bool:
+        """Does this attempt stop a request for `fingerprint` from starting a new one?
+
+        It does while it runs or once it succeeded (the request is a replay), and always
+        when the workflow differs (a conflict); only a final error lets the same request
+        start the next attempt.
+        """
+        return fingerprint != self.fingerprint or self.state is not JobState.ERROR
+
     def timings(self) -> dict[str, float]:
         """Milliseconds per phase, for the callback's `timings`."""
         out: dict[str, float] = {}

@@ -162,28 +162,51 @@ class Journal:
         """Start an attempt; undelivered events of older attempts are dropped with it."""
         try:
             with self._tx() as db:
-                db.execute(
-                    "INSERT INTO jobs (content_request_id, attempt, prompt_id, instance, state,"
-                    " workflow, fingerprint, runs, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (
-                        job.content_request_id,
-                        job.attempt,
-                        job.prompt_id,
-                        job.instance,
-                        job.state.value,
-                        job.workflow,
-                        job.fingerprint,
-                        job.runs,
-                        job.created_at,
-                    ),
-                )
-                db.execute(
-                    "UPDATE outbox SET state = 'dropped', updated_at = ?"
-                    " WHERE content_request_id = ? AND attempt < ? AND state = 'pending'",
-                    (job.created_at, job.content_request_id, job.attempt),
-                )
+                self._insert(db, job)
         except sqlite3.IntegrityError as e:
             raise DuplicateAttempt(job.content_request_id) from e
+
+    def admit(self, job: Job) -> Job | None:
+        """Insert `job` as the next attempt of its id, unless an earlier one blocks it.
+
+        Returns the latest attempt when it runs, succeeded, or holds another workflow (the
+        caller answers 200 or 409), else None with `job.attempt` set. One transaction, so
+        processes sharing the journal never both accept an attempt.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE content_request_id = ? ORDER BY attempt DESC LIMIT 1",
+                (job.content_request_id,),
+            ).fetchone()
+            latest = self._job(row) if row else None
+            if latest is not None and latest.blocks(job.fingerprint):
+                return latest
+            job.attempt = latest.attempt + 1 if latest is not None else 1
+            self._insert(db, job)
+            return None
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, job: Job) -> None:
+        db.execute(
+            "INSERT INTO jobs (content_request_id, attempt, prompt_id, instance, state,"
+            " workflow, fingerprint, runs, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                job.content_request_id,
+                job.attempt,
+                job.prompt_id,
+                job.instance,
+                job.state.value,
+                job.workflow,
+                job.fingerprint,
+                job.runs,
+                job.created_at,
+            ),
+        )
+        db.execute(
+            "UPDATE outbox SET state = 'dropped', updated_at = ?"
+            " WHERE content_request_id = ? AND attempt < ? AND state = 'pending'",
+            (job.created_at, job.content_request_id, job.attempt),
+        )
 
     def count_unfinished(self) -> int:
         return int(

@@ -18,7 +18,7 @@ def test_enqueue_numbers_items_like_prompt(tmp_path):
     adapter.enqueue("p1", {}, {"client_id": "comfy-courier"}, ["2"])
     adapter.enqueue("p2", {}, {"client_id": "comfy-courier"}, ["2"])
     assert [item[0] for item in comfy.prompt_queue.queue] == [7, 8] and comfy.number == 9
-    assert adapter.queue_snapshot().pending == ["p1", "p2"]
+    assert adapter.queue_snapshot().in_order() == ["p1", "p2"]
     assert adapter.remove_pending("p1") and not adapter.remove_pending("p1")
 
 

@@ -420,3 +420,14 @@ async def test_filename_prefix_cannot_escape_the_output_folder(make_harness, tmp
     assert files_outside(root, output) == before
     assert not absolute.parent.exists()
     assert any(output.glob("fine_*"))
+
+
+def test_prepared_prompt_leaves_the_received_workflow_untouched():
+    from comfy_courier.executor.intake import prepare_prompt
+
+    workflow = model_free()
+    received = json.loads(json.dumps(workflow))
+    prompt = prepare_prompt(workflow, "cid-1")
+    assert workflow == received
+    assert prompt["2"]["inputs"]["content_request_id"] == "cid-1"
+    assert prompt["1"] is workflow["1"]  # untouched nodes are shared, not copied

@@ -52,6 +52,26 @@ def test_new_attempt_drops_undelivered_events_of_older_ones(journal):
     assert journal.latest("j1").attempt == 2
 
 
+def test_admit_applies_the_duplicate_rule_in_its_transaction(journal):
+    first = make_job(attempt=0)
+    assert journal.admit(first) is None and first.attempt == 1
+    # while the first attempt runs, the same request and another workflow are both blocked
+    assert journal.admit(make_job(attempt=0, prompt_id="p2")).prompt_id == "p1"
+    other = make_job(attempt=0, prompt_id="p3")
+    other.fingerprint = "g"
+    assert journal.admit(other).prompt_id == "p1"
+    # after a final error the same request starts attempt 2 and drops the old event
+    first.state, first.error_type, first.finished_at = JobState.ERROR, ErrorType.EXECUTION, 3.0
+    journal.finish(first, event())
+    second = make_job(attempt=0, prompt_id="p4")
+    assert journal.admit(second) is None and second.attempt == 2
+    assert journal.outbox_counts() == {"dropped": 1}
+    # a success blocks for good
+    second.state, second.finished_at = JobState.SUCCESS, 4.0
+    journal.finish(second, event(attempt=2, event_id="msg_2"))
+    assert journal.admit(make_job(attempt=0, prompt_id="p5")).attempt == 2
+
+
 def test_unfinished_is_per_instance_and_survives_reopen(tmp_path):
     j = Journal(tmp_path / "x.sqlite3")
     j.insert(make_job("a", prompt_id="pa"))

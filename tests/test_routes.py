@@ -144,9 +144,13 @@ async def test_accepted_job_status_and_api_alias(make_harness):
 
 async def test_queue_position_counts_the_whole_comfy_queue(make_harness):
     h = await make_harness(start_worker=False)
-    for cid in ("p0", "p1", "p2"):
-        await h.post(model_free(), cid)
+    accepted = [await h.post(model_free(), cid) for cid in ("p0", "p1", "p2")]
+    assert [body["queue_position"] for _, body in accepted] == [0, 1, 2]
     assert [(await h.status(c))["queue_position"] for c in ("p0", "p1", "p2")] == [0, 1, 2]
+    # a prompt queued through /prompt's path counts too
+    h.comfy.prompt_queue.put((h.comfy.number, "ui-prompt", {}, {}, []))
+    h.comfy.number += 1
+    assert (await h.post(model_free(), "p3"))[1]["queue_position"] == 4
 
 
 async def test_unknown_id_is_404(make_harness):
@@ -200,6 +204,25 @@ async def test_queue_full_is_429_with_retry_after(make_harness):
     assert (await resp.json())["error"]["type"] == "queue_full"
     # a duplicate of an accepted job is still answered while full
     assert (await h.post(model_free(), "f1"))[0] == 200
+
+
+async def test_queue_limit_holds_under_concurrent_posts(make_harness):
+    h = await make_harness(env={"COURIER_MAX_QUEUE": "5"}, start_worker=False)
+    results = await asyncio.gather(*(h.post(model_free(), f"c{i}") for i in range(20)))
+    assert sorted(s for s, _ in results) == [202] * 5 + [429] * 15
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 5
+    health = await (await h.client.get("/courier/health")).json()
+    assert health["queue"]["courier_unfinished"] == 5
+
+
+async def test_duplicate_rule_comes_before_validation(make_harness):
+    h = await make_harness(start_worker=False)
+    assert (await h.post(model_free(), "d1"))[0] == 202
+    broken = model_free()
+    del broken["2"]["inputs"]["images"]
+    status, body = await h.post(broken, "d1")  # another workflow under the same id: 409, not 400
+    assert status == 409 and body["error"]["type"] == "idempotency_conflict"
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 1
 
 
 async def test_health_has_no_secrets(make_harness):
