@@ -31,7 +31,7 @@ from .errors import (
 )
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
-from .journal import Journal, JournalThread, OutboxEvent
+from .journal import GroupCommit, Journal, JournalThread, OutboxEvent
 from .metrics import Metrics
 from .settings import Settings
 from .status_updates import StatusNotifier
@@ -90,6 +90,7 @@ class Courier:
         self.ready = asyncio.Event()
         self._runs: dict[str, Run] = {}  # also the queue limit's count of unfinished jobs
         self._admitting = 0  # requests between the queue-limit check and their insert
+        self._admit = GroupCommit(db, Journal.admit)
         self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
         self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, holders + waiters
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -181,12 +182,13 @@ class Courier:
                     if replay is not None:
                         return replay
                     raise
-                blocking = await self.db(Journal.admit, job)
+                # Shielded: once the row may be committed, the job must reach ComfyUI's
+                # queue even if this request is cancelled (its retry then gets a replay).
+                blocking, position = await asyncio.shield(
+                    self._admit_and_enqueue(job, prompt, outputs, request)
+                )
                 if blocking is not None:
                     return await self._replay(blocking, request)
-                position = self._enqueue(
-                    job, prompt, outputs, intake.uses_courier_node(request.workflow)
-                )
             finally:
                 self._admitting -= 1
         log.info("[courier] queued id=%s attempt=%s prompt=%s", cid, job.attempt, job.prompt_id)
@@ -197,6 +199,16 @@ class Courier:
         if self.status_updates is not None:
             self.status_updates.update(job, "queued", 0.0)
         return 202, body
+
+    async def _admit_and_enqueue(
+        self, job: Job, prompt: dict[str, Any], outputs: list[str], request: intake.Request
+    ) -> tuple[Job | None, int]:
+        """Commit the job, then queue it: the blocking attempt instead, if there is one."""
+        blocking = await self._admit(job)
+        if blocking is not None:
+            return blocking, 0
+        uses_node = intake.uses_courier_node(request.workflow)
+        return None, self._enqueue(job, prompt, outputs, uses_node)
 
     async def _duplicate_answer(self, request: intake.Request) -> tuple[int, dict[str, Any]] | None:
         """The duplicate rule's answer for `request` (200 replay, or raises 409), if any."""

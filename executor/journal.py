@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output
 
@@ -166,24 +166,28 @@ class Journal:
         except sqlite3.IntegrityError as e:
             raise DuplicateAttempt(job.content_request_id) from e
 
-    def admit(self, job: Job) -> Job | None:
-        """Insert `job` as the next attempt of its id, unless an earlier one blocks it.
+    def admit(self, jobs: list[Job]) -> list[Job | None]:
+        """Insert each job as the next attempt of its id, unless an earlier one blocks it.
 
-        Returns the latest attempt when it runs, succeeded, or holds another workflow (the
-        caller answers 200 or 409), else None with `job.attempt` set. One transaction, so
-        processes sharing the journal never both accept an attempt.
+        Per job: the latest attempt when it runs, succeeded, or holds another workflow (the
+        caller answers 200 or 409), else None with `job.attempt` set. One transaction for
+        the lot: a burst of requests costs one commit, and processes sharing the journal
+        never both accept an attempt.
         """
         with self._tx() as db:
-            row = db.execute(
-                "SELECT * FROM jobs WHERE content_request_id = ? ORDER BY attempt DESC LIMIT 1",
-                (job.content_request_id,),
-            ).fetchone()
-            latest = self._job(row) if row else None
-            if latest is not None and latest.blocks(job.fingerprint):
-                return latest
-            job.attempt = latest.attempt + 1 if latest is not None else 1
-            self._insert(db, job)
-            return None
+            return [self._admit(db, job) for job in jobs]
+
+    def _admit(self, db: sqlite3.Connection, job: Job) -> Job | None:
+        row = db.execute(
+            "SELECT * FROM jobs WHERE content_request_id = ? ORDER BY attempt DESC LIMIT 1",
+            (job.content_request_id,),
+        ).fetchone()
+        latest = self._job(row) if row else None
+        if latest is not None and latest.blocks(job.fingerprint):
+            return latest
+        job.attempt = latest.attempt + 1 if latest is not None else 1
+        self._insert(db, job)
+        return None
 
     @staticmethod
     def _insert(db: sqlite3.Connection, job: Job) -> None:
@@ -202,11 +206,12 @@ class Journal:
                 job.created_at,
             ),
         )
-        db.execute(
-            "UPDATE outbox SET state = 'dropped', updated_at = ?"
-            " WHERE content_request_id = ? AND attempt < ? AND state = 'pending'",
-            (job.created_at, job.content_request_id, job.attempt),
-        )
+        if job.attempt > 1:
+            db.execute(
+                "UPDATE outbox SET state = 'dropped', updated_at = ?"
+                " WHERE content_request_id = ? AND attempt < ? AND state = 'pending'",
+                (job.created_at, job.content_request_id, job.attempt),
+            )
 
     def count_unfinished(self) -> int:
         return int(
@@ -489,6 +494,7 @@ class Journal:
 
 
 T = TypeVar("T")
+X = TypeVar("X")
 
 
 class JournalThread:
@@ -519,3 +525,61 @@ class JournalThread:
             self._pool.submit(self._journal.close).result()
             self._journal = None
         self._pool.shutdown(wait=True)
+
+
+class GroupCommit(Generic[X, T]):
+    """Calls made while one batch is being written go out together in the next one.
+
+    `many` handles a list in one transaction. Under load this turns a commit per request
+    into a commit per burst (the journal's cost is mostly the commit); alone, a call
+    waits no longer than before. If a batch fails, its calls are retried one by one so
+    one bad item fails only its own caller.
+    """
+
+    def __init__(
+        self, db: JournalThread, many: Callable[[Journal, list[X]], list[T]], max_batch: int = 256
+    ) -> None:
+        self._db = db
+        self._many = many
+        self._max_batch = max_batch
+        self._waiting: list[tuple[X, asyncio.Future[T]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: X) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._max_batch]
+                del self._waiting[: self._max_batch]
+                try:
+                    results = await self._db(self._many, [item for item, _ in batch])
+                except Exception as e:
+                    if len(batch) == 1:
+                        _fail(batch[0][1], e)
+                        continue
+                    for item, future in batch:
+                        try:
+                            _resolve(future, (await self._db(self._many, [item]))[0])
+                        except Exception as one:
+                            _fail(future, one)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    _resolve(future, result)
+        finally:
+            self._writer = None
+
+
+def _resolve(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():  # else the caller gave up; the write stands (see Courier.submit)
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[T], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

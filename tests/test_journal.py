@@ -54,22 +54,22 @@ def test_new_attempt_drops_undelivered_events_of_older_ones(journal):
 
 def test_admit_applies_the_duplicate_rule_in_its_transaction(journal):
     first = make_job(attempt=0)
-    assert journal.admit(first) is None and first.attempt == 1
+    assert journal.admit([first]) == [None] and first.attempt == 1
     # while the first attempt runs, the same request and another workflow are both blocked
-    assert journal.admit(make_job(attempt=0, prompt_id="p2")).prompt_id == "p1"
+    assert journal.admit([make_job(attempt=0, prompt_id="p2")])[0].prompt_id == "p1"
     other = make_job(attempt=0, prompt_id="p3")
     other.fingerprint = "g"
-    assert journal.admit(other).prompt_id == "p1"
+    assert journal.admit([other])[0].prompt_id == "p1"
     # after a final error the same request starts attempt 2 and drops the old event
     first.state, first.error_type, first.finished_at = JobState.ERROR, ErrorType.EXECUTION, 3.0
     journal.finish(first, event())
     second = make_job(attempt=0, prompt_id="p4")
-    assert journal.admit(second) is None and second.attempt == 2
+    assert journal.admit([second]) == [None] and second.attempt == 2
     assert journal.outbox_counts() == {"dropped": 1}
     # a success blocks for good
     second.state, second.finished_at = JobState.SUCCESS, 4.0
     journal.finish(second, event(attempt=2, event_id="msg_2"))
-    assert journal.admit(make_job(attempt=0, prompt_id="p5")).attempt == 2
+    assert journal.admit([make_job(attempt=0, prompt_id="p5")])[0].attempt == 2
 
 
 def test_unfinished_is_per_instance_and_survives_reopen(tmp_path):
@@ -113,3 +113,48 @@ def test_adopting_a_silent_instance_moves_its_unfinished_work(journal):
     assert journal.adopt_stale("live:8188", 100.0, 60.0) == ["old:8188"]
     assert [j.content_request_id for j in journal.unfinished("live:8188")] == ["a"]
     assert journal.adopt_stale("other:8188", 100.0, 60.0) == []  # taken once
+
+
+async def test_group_commit_writes_a_burst_in_few_transactions(tmp_path):
+    import asyncio
+
+    from comfy_courier.executor.journal import GroupCommit, JournalThread
+
+    db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
+    batches: list[int] = []
+
+    def admit(journal, jobs):
+        batches.append(len(jobs))
+        return Journal.admit(journal, jobs)
+
+    commit = GroupCommit(db, admit)
+    jobs = [make_job(f"g{i}", attempt=0, prompt_id=f"pg{i}") for i in range(50)]
+    results = await asyncio.gather(*(commit(job) for job in jobs))
+    assert results == [None] * 50 and {job.attempt for job in jobs} == {1}
+    assert sum(batches) == 50 and len(batches) < 50
+    assert await db(Journal.count_unfinished) == 50
+    db.close()
+
+
+async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
+    import asyncio
+
+    from comfy_courier.executor.journal import GroupCommit, JournalThread
+
+    db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
+
+    def admit(journal, jobs):
+        if any(job.content_request_id == "bad" for job in jobs):
+            raise RuntimeError("disk says no")
+        return Journal.admit(journal, jobs)
+
+    commit = GroupCommit(db, admit)
+    ids = ["a", "bad", "b", "c"]
+    results = await asyncio.gather(
+        *(commit(make_job(cid, attempt=0, prompt_id=f"p{cid}")) for cid in ids),
+        return_exceptions=True,
+    )
+    assert [type(r).__name__ for r in results] == ["NoneType", "RuntimeError", "NoneType", "NoneType"]
+    assert [job.content_request_id for job in await db(Journal.unfinished, "host:8188")] == [
+        "a", "b", "c"]
+    db.close()
