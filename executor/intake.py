@@ -41,7 +41,8 @@ def check_id(value: Any) -> str:
 
 def parse_request(raw: bytes) -> Request:
     try:
-        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        # json.loads(raw) with these hooks would build a new decoder per call
+        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except RecursionError as e:
         raise BadRequest("body is nested too deeply") from e
     except ValueError as e:  # bad JSON or encoding, NaN/Infinity, an int over Python's digit limit
@@ -97,18 +98,14 @@ def check_workflow(workflow: Any) -> None:
                 field="workflow_json",
                 node_id=str(node_id),
             )
-        if _depth(inputs) > MAX_DEPTH:
-            raise BadRequest(
-                f"workflow_json node {node_id!r}: inputs nested too deeply",
-                field="workflow_json",
-                node_id=str(node_id),
-            )
-        if _depth(node, -1) > MAX_DEPTH:  # other keys (_meta, ...) are copied and stored too
-            raise BadRequest(
-                f"workflow_json node {node_id!r} is nested too deeply",
-                field="workflow_json",
-                node_id=str(node_id),
-            )
+        for key, value in node.items():  # inputs, and _meta etc.: copied and stored too
+            if _deeper_than(value, MAX_DEPTH):
+                where = "inputs" if key == "inputs" else f"field {key!r}"
+                raise BadRequest(
+                    f"workflow_json node {node_id!r}: {where} nested too deeply",
+                    field="workflow_json",
+                    node_id=str(node_id),
+                )
 
 
 def _no_constant(name: str) -> Any:
@@ -122,14 +119,20 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _depth(value: Any, level: int = 0) -> int:
-    if level > MAX_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level + 1)
-    return level
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Are lists/objects nested more than `limit` levels in `value`? Stops at the first."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        container, level = stack.pop()
+        if level > limit:
+            return True
+        for child in container.values() if isinstance(container, dict) else container:
+            if isinstance(child, (dict, list)):
+                stack.append((child, level + 1))
+    return False
 
 
 def uses_courier_node(workflow: dict[str, Any]) -> bool:
