@@ -603,7 +603,7 @@ class Courier:
             return False
         self._report_final(final)
         if event is not None and self.deliverer is not None:
-            self.deliverer.wake()
+            self.deliverer.deliver_now(event)
         return True
 
     async def _commit_final(self, final: Job, event: OutboxEvent | None) -> bool | None:

@@ -140,16 +140,21 @@ class Deliverer:
         """Start sending every due event not already in flight; returns how many started."""
         now = self._clock()
         events = await self._db(Journal.due_events, self._instance, now, limit)
-        started = 0
-        for event in events:
-            if event.event_id in self._in_flight:
-                continue
-            self._in_flight.add(event.event_id)
-            task = asyncio.ensure_future(self._deliver(event))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            started += 1
-        return started
+        return sum(self.deliver_now(event) for event in events)
+
+    def deliver_now(self, event: OutboxEvent) -> bool:
+        """Start sending a committed event unless it is already in flight.
+
+        The courier hands each new final event here as soon as it is committed, rather
+        than waking the loop to read it back from the outbox: the callback leaves sooner.
+        """
+        if event.event_id in self._in_flight:
+            return False
+        self._in_flight.add(event.event_id)
+        task = asyncio.ensure_future(self._deliver(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
 
     async def drain(self) -> None:
         """Wait for the sends in flight (tests and shutdown)."""

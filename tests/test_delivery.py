@@ -81,3 +81,14 @@ async def test_unreachable_receiver_is_retried(outbox):
     await d.drain()
     summary = await outbox(Journal.callback_summary, "d1", 1)
     assert summary.state == "pending" and summary.attempts == 1
+
+
+async def test_a_fresh_event_is_sent_at_once_and_only_once(outbox, receiver):
+    d = Deliverer(outbox, "i", receiver.url, None, (), jitter=0.0, clock=Clock())
+    event = OutboxEvent("msg_d1", "d1", 1, b'{"a":1}', 0, 0.0)
+    assert d.deliver_now(event) is True
+    assert d.deliver_now(event) is False  # already in flight
+    assert await d.dispatch_due() == 0  # the outbox pass skips it too
+    await d.drain()
+    assert len(receiver.requests) == 1
+    assert (await outbox(Journal.callback_summary, "d1", 1)).state == "delivered"
