@@ -10,7 +10,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from conftest import API_KEY, SERVICE_KEY, WEBHOOK_SECRET, model_free
-from standin.comfy import png_bytes_text
+from standin.comfy import image_metadata
 
 CONTRACT_KEYS = ["content_request_id", "status", "image_url", "error_message"]
 
@@ -47,9 +47,9 @@ async def test_success_callback_shape_on_both_queue_shapes(make_harness, tmp_pat
     assert body["image_urls"] == [body["image_url"]]
     assert body["attempt"] == 1 and body["prompt_id"] == accepted["prompt_id"]
     assert body["outputs"][0]["width"] == 64 and body["outputs"][0]["height"] == 48
-    stored = tmp_path / "comfy" / "output" / "courier" / "ok1" / "1-1.png"
+    stored = tmp_path / "comfy" / "output" / "courier" / "ok1" / "1-1.jpg"
     assert stored.exists()
-    assert png_bytes_text(stored.read_bytes()) == {}
+    assert image_metadata(stored.read_bytes()) == {}
     assert h.comfy.worker_alive, "the queue item shape must not kill ComfyUI's worker"
     history = h.comfy.prompt_queue.get_history(accepted["prompt_id"])[accepted["prompt_id"]]
     assert history["prompt"][3]["client_id"] == "comfy-courier"
@@ -85,10 +85,10 @@ async def test_saveimage_workflow_delivers_stripped_images(make_harness, storage
         for url in body["image_urls"]:
             resp = await client.get(url)
             assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
-            assert png_bytes_text(resp.content) == {}, "workflow metadata leaked"
+            assert image_metadata(resp.content) == {}, "workflow metadata leaked"
     on_disk = next((h.comfy.folder_paths.output_directory and
                     Path(h.comfy.folder_paths.output_directory)).glob("s_*.png"))
-    assert "prompt" in png_bytes_text(on_disk.read_bytes())  # SaveImage's own file keeps it
+    assert "prompt" in image_metadata(on_disk.read_bytes())  # SaveImage's own file keeps it
 
 
 async def test_supabase_upload_is_upserted_and_url_downloads(make_harness, storage_server):
@@ -98,12 +98,12 @@ async def test_supabase_upload_is_upserted_and_url_downloads(make_harness, stora
     await h.post(model_free(), "sb1")
     [body] = await final_callbacks(h, "sb1")
     assert body["status"] == "success", body
-    assert body["image_url"].endswith("/storage/v1/object/public/comfy-outputs/sb1/1-1.png")
+    assert body["image_url"].endswith("/storage/v1/object/public/comfy-outputs/sb1/1-1.jpg")
     uploads = storage_server.state.uploads
     assert len(uploads) == 2 and all(u.upsert for u in uploads)
     async with httpx.AsyncClient() as client:
         resp = await client.get(body["image_url"])
-    assert resp.status_code == 200 and resp.content[:4] == b"\x89PNG"
+    assert resp.status_code == 200 and resp.content[:3] == b"\xff\xd8\xff"  # JPEG, the default
 
 
 async def test_signed_urls(make_harness, storage_server):
@@ -214,7 +214,7 @@ async def test_new_attempt_after_error(make_harness, storage_server):
     await h.settle()
     bodies = h.receiver.bodies("re1")
     assert [(b["attempt"], b["status"]) for b in bodies] == [(1, "error"), (2, "success")]
-    assert bodies[1]["image_url"].endswith("/re1/2-1.png"), "a new attempt never reuses a URL"
+    assert bodies[1]["image_url"].endswith("/re1/2-1.jpg"), "a new attempt never reuses a URL"
     # the same id with another workflow is a conflict, even after an error
     status, body = await h.post(model_free(prefix="other"), "re1")
     assert status == 409 and body["error"]["type"] == "idempotency_conflict"
@@ -230,7 +230,7 @@ async def test_ui_run_uploads_under_ui_and_sends_no_callback(make_harness, stora
         if storage_server.state.upload_count:
             break
         await asyncio.sleep(0.01)
-    assert storage_server.state.get("comfy-outputs", "ui/ui-prompt-1/2-1.png") is not None
+    assert storage_server.state.get("comfy-outputs", "ui/ui-prompt-1/2-1.jpg") is not None
     await h.settle()
     assert h.receiver.requests == []
 

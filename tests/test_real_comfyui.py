@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from conftest import API_KEY, CALLBACK_KEY, WORKFLOWS, Receiver
-from standin.comfy import png_bytes_text
+from standin.comfy import image_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -164,8 +164,8 @@ async def test_model_free_workflow_end_to_end(real_comfy, receiver):
         assert list(body)[:4] == ["content_request_id", "status", "image_url", "error_message"]
         assert body["status"] == "success", body
         image = await client.get(body["image_url"])
-        assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
-        assert png_bytes_text(image.content) == {}
+        assert image.status_code == 200 and image.content[:3] == b"\xff\xd8\xff"  # JPEG, the default
+        assert image_metadata(image.content) == {}
         # courier jobs never broadcast to browser tabs, and /queue, /history hold no secret
         history = (await client.get(f"{real_comfy.url}/history/{body['prompt_id']}")).text
         queue = (await client.get(f"{real_comfy.url}/queue")).text
@@ -187,7 +187,7 @@ async def test_txt2img_end_to_end(real_comfy, receiver):
             assert bodies[cid]["status"] == "success", bodies[cid]
             image = await client.get(bodies[cid]["image_url"])
             assert image.status_code == 200
-            assert png_bytes_text(image.content) == {}, "prompt metadata leaked"
+            assert image_metadata(image.content) == {}, "prompt metadata leaked"
 
 
 async def test_runtime_error_gives_exactly_one_error_callback(real_comfy, receiver):

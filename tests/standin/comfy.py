@@ -496,6 +496,11 @@ class StandinComfy:
         return ExecutionStatus("success", True, messages), {"outputs": ui, "meta": {}}
 
 
-def png_bytes_text(data: bytes) -> dict[str, str]:
+def image_metadata(data: bytes) -> dict[str, str]:
+    """Text a PNG carries, and EXIF/XMP/comments a JPEG or WebP carries: {} when clean."""
     with Image.open(io.BytesIO(data)) as image:
-        return dict(getattr(image, "text", {}) or {})
+        found = {k: str(v) for k, v in (getattr(image, "text", {}) or {}).items()}
+        for key in ("exif", "xmp", "comment"):
+            if image.info.get(key):
+                found[key] = str(image.info[key])[:200]
+        return found
