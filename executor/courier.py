@@ -391,8 +391,14 @@ class Courier:
         run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
 
     async def _upload(self, job: Job, seq: int, output: Output, data: bytes) -> Output:
-        await self.db(Journal.record_image, job, seq, output)
-        url = await self._store(output.key, data, output.content_type)
+        # The image's row is queued on the journal thread first, so it commits before the
+        # job's later writes (uploading, final): a crash still finds it. The upload need
+        # not wait for that commit.
+        recorded = self.db.submit(Journal.record_image, job, seq, output)
+        try:
+            url = await self._store(output.key, data, output.content_type)
+        finally:
+            await recorded
         stored = replace(output, url=url)
         await self.db(Journal.record_image, job, seq, stored)
         return stored

@@ -516,8 +516,12 @@ class JournalThread:
         return fn(self._journal, *args, **kwargs)
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self.submit(fn, *args, **kwargs)
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue the call now (calls run in the order submitted); await the result later."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run, fn, args, kwargs)
+        return loop.run_in_executor(self._pool, self._run, fn, args, kwargs)
 
     def close(self) -> None:
         """Close the journal on its own thread, then stop the thread."""
