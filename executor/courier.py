@@ -829,20 +829,20 @@ class Courier:
 
     async def metrics_text(self) -> bytes:
         snapshot = self.comfy.queue_snapshot()
-        outbox = await self.db(Journal.outbox_counts)
+        pending, dead = await self.db(Journal.outbox_backlog)
         return self.metrics.render(
             {
                 "courier_unfinished_jobs": len(self._runs),
                 "courier_comfy_queue_pending": len(snapshot.pending),
                 "courier_comfy_queue_running": len(snapshot.running),
-                "courier_outbox_pending": outbox.get("pending", 0),
-                "courier_outbox_dead": outbox.get("dead", 0),
+                "courier_outbox_pending": pending,
+                "courier_outbox_dead": dead,
             }
         )
 
     async def health(self) -> dict[str, Any]:
         snapshot = self.comfy.queue_snapshot()
-        outbox = await self.db(Journal.outbox_counts)
+        pending, dead = await self.db(Journal.outbox_backlog)
         return {
             "ok": True,
             "ready": self.ready.is_set(),
@@ -853,9 +853,9 @@ class Courier:
                 "courier_max": self.settings.max_queue,
             },
             "outbox": {
-                "pending": outbox.get("pending", 0),
-                "dead": outbox.get("dead", 0),
-                "delivered": outbox.get("delivered", 0),
+                "pending": pending,
+                "dead": dead,
+                "delivered_since_start": self.deliverer.sent if self.deliverer else 0,
             },
             "storage": self.storage.kind,
             "callback_configured": self.settings.callback_url is not None,

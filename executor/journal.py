@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: outbox_dead index; each version's statements are idempotent
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (instance, next_attempt_at)
     WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (instance) WHERE state = 'dead';
 CREATE TABLE IF NOT EXISTS instances (
     name TEXT PRIMARY KEY,
     heartbeat_at REAL NOT NULL
@@ -452,7 +453,15 @@ class Journal:
             return None
         return CallbackSummary(row["state"], row["attempts"], row["last_error"])
 
+    def outbox_backlog(self) -> tuple[int, int]:
+        """(pending, dead) events, from their partial indexes: cheap however many were
+        delivered (health and metrics ask often; delivered rows are most of the outbox)."""
+        pending = self._db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'")
+        dead = self._db.execute("SELECT count(*) FROM outbox WHERE state = 'dead'")
+        return int(pending.fetchone()[0]), int(dead.fetchone()[0])
+
     def outbox_counts(self) -> dict[str, int]:
+        """Events per state; scans the whole outbox (tests and diagnostics)."""
         rows = self._db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
         return {r[0]: int(r[1]) for r in rows}
 

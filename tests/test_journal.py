@@ -1,7 +1,7 @@
 import pytest
 
 from comfy_courier.executor.jobs import ErrorType, Job, JobState
-from comfy_courier.executor.journal import DuplicateAttempt, Journal, OutboxEvent
+from comfy_courier.executor.journal import SCHEMA_VERSION, DuplicateAttempt, Journal, OutboxEvent
 
 
 def make_job(cid="j1", attempt=1, prompt_id="p1", instance="host:8188"):
@@ -22,7 +22,7 @@ def journal(tmp_path):
 
 def test_wal_and_schema_version(journal):
     assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_same_attempt_cannot_be_inserted_twice(journal):
@@ -154,7 +154,22 @@ async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
         *(commit(make_job(cid, attempt=0, prompt_id=f"p{cid}")) for cid in ids),
         return_exceptions=True,
     )
-    assert [type(r).__name__ for r in results] == ["NoneType", "RuntimeError", "NoneType", "NoneType"]
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == ["NoneType", "RuntimeError", "NoneType", "NoneType"]
     assert [job.content_request_id for job in await db(Journal.unfinished, "host:8188")] == [
         "a", "b", "c"]
     db.close()
+
+
+def test_version_1_journal_gains_the_dead_letter_index(tmp_path):
+    j = Journal(tmp_path / "v1.sqlite3")
+    j._db.execute("DROP INDEX outbox_dead")
+    j._db.execute("PRAGMA user_version = 1")
+    j.close()
+    j = Journal(tmp_path / "v1.sqlite3")
+    names = {r[0] for r in j._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "outbox_dead" in names and j.outbox_backlog() == (0, 0)
+    plan = " ".join(str(tuple(r)) for r in j._db.execute(
+        "EXPLAIN QUERY PLAN SELECT count(*) FROM outbox WHERE state = 'dead'"))
+    assert "outbox_dead" in plan  # no scan of the delivered rows
+    j.close()
