@@ -11,7 +11,6 @@ import json
 import logging
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -29,6 +28,7 @@ from .errors import (
     StorageError,
     WorkflowRejected,
 )
+from .ids import uuid7
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
 from .journal import GroupCommit, Journal, JournalThread, OutboxEvent
@@ -169,7 +169,7 @@ class Courier:
                 job = Job(
                     content_request_id=cid,
                     attempt=0,  # set by Journal.admit
-                    prompt_id=str(uuid.uuid4()),
+                    prompt_id=str(uuid7()),
                     instance=self.instance,
                     workflow=request.canonical,
                     fingerprint=request.fingerprint,
@@ -591,7 +591,7 @@ class Courier:
         if self.settings.callback_url is not None:
             body = json.dumps(callback_body(final), separators=(",", ":")).encode()
             event = OutboxEvent(
-                f"msg_{uuid.uuid4().hex}",
+                f"msg_{uuid7().hex}",
                 final.content_request_id,
                 final.attempt,
                 body,
@@ -771,7 +771,7 @@ class Courier:
             )
             return
         old_prompt_id = job.prompt_id
-        job.prompt_id = str(uuid.uuid4())
+        job.prompt_id = str(uuid7())
         try:
             prompt, outputs = await self._validated_prompt(job, workflow)
         except WorkflowRejected as e:
