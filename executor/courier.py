@@ -128,6 +128,8 @@ class Courier:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.deliverer is not None:
+            await self.deliverer.close()
 
     # -- intake -------------------------------------------------------------------------
 

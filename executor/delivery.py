@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from .journal import Journal, JournalThread, OutboxEvent
 from .signing import signature_headers
@@ -61,13 +61,13 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def classify(response: httpx.Response, now: float) -> Outcome:
-    code = response.status_code
+def classify(code: int, retry_after: str | None, now: float) -> Outcome:
+    """What a receiver's answer means: delivered, retry later, or never (dead letter)."""
     if 200 <= code < 300:
         return Delivered(code)
     reason = f"HTTP {code}"
     if code in RETRYABLE_4XX or code >= 500 or code < 400:
-        return Retry(reason, parse_retry_after(response.headers.get("retry-after"), now))
+        return Retry(reason, parse_retry_after(retry_after, now))
     return Permanent(reason)
 
 
@@ -86,7 +86,6 @@ class Deliverer:
         concurrency: int = 8,
         jitter: float = 0.1,
         clock: Callable[[], float] = time.time,
-        client: httpx.AsyncClient | None = None,
     ) -> None:
         self._db = db
         self._instance = instance
@@ -98,7 +97,7 @@ class Deliverer:
         self._timeout = timeout
         self._jitter = jitter
         self._clock = clock
-        self._client = client
+        self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -111,10 +110,19 @@ class Deliverer:
         """A new event was committed: look now instead of at the next scheduled time."""
         self._wake.set()
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(follow_redirects=False, timeout=self._timeout)
-        return self._client
+    def _http(self) -> aiohttp.ClientSession:
+        # aiohttp, not httpx: it is ComfyUI's own HTTP stack, and a callback over it costs
+        # about 0.45 ms less on loopback (benchmarks/bench_e2e.py). trust_env: proxies
+        # from the environment apply, as they did with httpx.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout), trust_env=True
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def run(self) -> None:
         while True:
@@ -140,18 +148,21 @@ class Deliverer:
         """Start sending every due event not already in flight; returns how many started."""
         now = self._clock()
         events = await self._db(Journal.due_events, self._instance, now, limit)
-        return sum(self.deliver_now(event) for event in events)
+        return sum(self._start(event, check_current=True) for event in events)
 
     def deliver_now(self, event: OutboxEvent) -> bool:
-        """Start sending a committed event unless it is already in flight.
+        """Send a final event the courier has just committed, unless already in flight.
 
-        The courier hands each new final event here as soon as it is committed, rather
-        than waking the loop to read it back from the outbox: the callback leaves sooner.
+        Rather than waking the loop to read it back from the outbox, and without asking
+        whether a newer attempt superseded it: none can have finished since the commit.
         """
+        return self._start(event, check_current=False)
+
+    def _start(self, event: OutboxEvent, check_current: bool) -> bool:
         if event.event_id in self._in_flight:
             return False
         self._in_flight.add(event.event_id)
-        task = asyncio.ensure_future(self._deliver(event))
+        task = asyncio.ensure_future(self._deliver(event, check_current))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -161,10 +172,12 @@ class Deliverer:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _deliver(self, event: OutboxEvent) -> None:
+    async def _deliver(self, event: OutboxEvent, check_current: bool) -> None:
         try:
             async with self._slots:
-                if not await self._db(Journal.event_still_current, event.event_id):
+                if check_current and not await self._db(
+                    Journal.event_still_current, event.event_id
+                ):
                     # a newer attempt of the same id exists: this event must never arrive
                     await self._db(Journal.drop_event, event.event_id, self._clock())
                     return
@@ -182,12 +195,16 @@ class Deliverer:
             headers["X-API-Key"] = self._api_key
         headers.update(signature_headers(event.event_id, event.body, self._secrets))
         try:
-            response = await self._http().post(self._url, content=event.body, headers=headers)
-        except httpx.TimeoutException:
+            async with self._http().post(
+                self._url, data=event.body, headers=headers, allow_redirects=False
+            ) as response:
+                await response.read()  # the whole answer, so the connection is reused
+                code, retry_after = response.status, response.headers.get("Retry-After")
+        except asyncio.TimeoutError:
             return Retry(f"no answer within {self._timeout:g} s")
-        except httpx.HTTPError as e:
+        except (aiohttp.ClientError, ValueError) as e:  # ValueError: an unusable URL
             return Retry(f"{type(e).__name__}: {e}"[:300])
-        return classify(response, self._clock())
+        return classify(code, retry_after, self._clock())
 
     async def _record(self, event: OutboxEvent, outcome: Outcome) -> None:
         now = self._clock()

@@ -178,6 +178,7 @@ async def test_each_retry_is_signed_afresh_under_the_same_webhook_id(outbox, rec
     assert tries[0].body == tries[1].body  # the stored body, byte for byte
     assert a["webhook-timestamp"] == str(int(first.timestamp()))
     assert b["webhook-timestamp"] == str(int(second.timestamp()))
+    await deliverer.close()
     assert a["webhook-signature"] != b["webhook-signature"]
     for received in tries:  # each try verifies on its own, within the tolerance
         verify(secret, received.body, headers_of(received))
