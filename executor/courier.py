@@ -402,7 +402,9 @@ class Courier:
         finally:
             await recorded
         stored = replace(output, url=url)
-        await self.db(Journal.record_image, job, seq, stored)
+        # Not awaited: queued now, it commits before the job's final write, which is
+        # queued later on the same thread. The callback leaves one journal trip sooner.
+        self.db.submit(Journal.record_image, job, seq, stored).add_done_callback(_log_failure)
         return stored
 
     async def _store(self, key: str, data: bytes, content_type: str) -> str:
@@ -864,6 +866,11 @@ class Courier:
             "signed_callbacks": bool(self.settings.webhook_secrets),
             "config_problems": len(self.settings.problems),
         }
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("[courier] journal write failed", exc_info=future.exception())
 
 
 def _node_order(node_id: str) -> tuple[int, int | str]:
