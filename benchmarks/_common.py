@@ -111,20 +111,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
-    parser.add_argument(
-        "--patched",
-        nargs="?",
-        const="P1,P2,P3,P4,P5,P7",
-        default="",
-        metavar="P1,P2,...",
-        help="apply the proposed fixes of patches.py inside the server first "
-        "(default: all of them)",
-    )
     return parser
-
-
-def patch_names(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(p.strip().upper() for p in (args.patched or "").split(",") if p.strip())
 
 
 def comfy_dir_of(args: argparse.Namespace) -> Path | None:
@@ -177,18 +164,9 @@ def machine_facts() -> dict[str, Any]:
 def print_header(title: str, target_desc: str, args: argparse.Namespace) -> dict[str, Any]:
     facts = machine_facts()
     comfy = comfy_dir_of(args)
-    patched = patch_names(args)
     print(f"== {title}")
     print(f"   target : {target_desc}")
-    print(
-        f"   server : {comfy_version(comfy)}{' [quick]' if args.quick else ''}"
-        + (
-            f"  WITH PROPOSED PATCHES {','.join(patched)} (benchmarks/patches.py)"
-            if patched
-            else ""
-        )
-    )
-    facts["patches"] = list(patched)
+    print(f"   server : {comfy_version(comfy)}{' [quick]' if args.quick else ''}")
     print(
         f"   machine: nproc={facts['nproc']} cpu={facts['cpu']!r} mem={facts['mem']} "
         f"python={facts['python']} load1={facts['loadavg_at_start']:.2f}"
@@ -451,7 +429,6 @@ def start_server(
     input_dir: Path | None = None,
     port: int | None = None,
     standin_args: Sequence[str] = (),
-    patches: Sequence[str] = (),
 ) -> Server:
     base.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -487,8 +464,6 @@ def start_server(
             str(base / "standin"),
             *standin_args,
         ]
-        if patches:
-            cmd += ["--patched", ",".join(patches)]
         cwd = str(REPO)
         kind = "stand-in"
     else:
@@ -497,15 +472,13 @@ def start_server(
         link = nodes / "comfy_courier"
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
-        # the benchmark node (CourierBenchSleep) and, with `patches`, the proposed fixes
+        # the benchmark node (CourierBenchSleep)
         sys.path.insert(0, str(BENCH))
         from bench_node import loader_source
 
         tools = nodes / "courier_bench_tools"
         tools.mkdir(exist_ok=True)
         (tools / "__init__.py").write_text(loader_source())
-        if patches:
-            environ["COURIER_BENCH_PATCHES"] = ",".join(patches)
         config = base / "extra_model_paths.yaml"
         config.write_text(
             f"courier:\n    base_path: {base / 'nodes'}\n    custom_nodes: custom_nodes\n"

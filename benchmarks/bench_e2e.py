@@ -40,7 +40,6 @@ from _common import (  # noqa: E402
     comfy_dir_of,
     courier_body,
     p50,
-    patch_names,
     pct,
     print_header,
     prompt_body,
@@ -173,7 +172,6 @@ def main() -> int:
                 "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
                 "COURIER_CALLBACK_URL": peers.callback_url,
             },
-            patches=patch_names(args),
         )
         try:
             server.wait_up()

@@ -42,7 +42,6 @@ from _common import (  # noqa: E402
     history_span,
     http_json,
     p50,
-    patch_names,
     print_header,
     prompt_body,
     start_server,
@@ -252,7 +251,7 @@ def main() -> int:
             input_dir.mkdir()
             Image.fromarray((pixels * 255).round().astype(np.uint8)).save(input_dir / "bench.png")
             server = start_server(
-                tmp / "server", comfy, input_dir=input_dir, patches=patch_names(args)
+                tmp / "server", comfy, input_dir=input_dir
             )
             try:
                 server.wait_up()

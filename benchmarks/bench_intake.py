@@ -42,7 +42,6 @@ from _common import (  # noqa: E402
     comfy_dir_of,
     courier_body,
     p50,
-    patch_names,
     pct,
     print_header,
     prompt_body,
@@ -159,7 +158,6 @@ def main() -> int:
                 "COURIER_CALLBACK_URL": peers.callback_url,
                 "COURIER_CALLBACK_API_KEY": "bench-callback-key-0123456789abcdef",
             },
-            patches=patch_names(args),
         )
         reader = JournalReader(server.db)
         try:

@@ -40,7 +40,6 @@ from _common import (  # noqa: E402
     courier_body,
     free_port,
     p50,
-    patch_names,
     pct,
     print_header,
     start_peers,
@@ -209,7 +208,6 @@ def main() -> int:
                         "COURIER_MAX_QUEUE": "100000",
                     },
                     port=ports[key],
-                    patches=patch_names(args),
                 )
                 servers[key].wait_up()
             rss_ready = {k: s.rss() for k, s in servers.items()}

@@ -3,14 +3,11 @@
 `_common.start_server` writes `<temp>/nodes/custom_nodes/courier_bench_tools/__init__.py`,
 which executes this file. It adds one node, `CourierBenchSleep` (images in, the same images
 out after `seconds` of time.sleep: the GIL is free, like a GPU job), used to keep ComfyUI's
-worker busy while intake is measured; and, when COURIER_BENCH_PATCHES is set (P1,P2,...),
-applies the proposed fixes of patches.py once comfy_courier is loaded.
+worker busy while intake is measured.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,19 +48,6 @@ class CourierBenchSleep:
 
 NODE_CLASS_MAPPINGS = {"CourierBenchSleep": CourierBenchSleep}
 NODE_DISPLAY_NAME_MAPPINGS = {"CourierBenchSleep": "Sleep (courier benchmarks)"}
-
-
-def _apply_patches() -> None:
-    names = tuple(p for p in os.environ.get("COURIER_BENCH_PATCHES", "").split(",") if p)
-    if not names:
-        return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from patches import apply_when_loaded
-
-    apply_when_loaded(names)
-
-
-_apply_patches()
 
 
 def loader_source() -> str:

@@ -41,7 +41,6 @@ from _common import (  # noqa: E402
     history_span,
     http_json,
     p50,
-    patch_names,
     print_header,
     prompt_body,
     start_peers,
@@ -216,7 +215,6 @@ def main() -> int:
                 "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
                 "COURIER_CALLBACK_URL": peers.callback_url,
             },
-            patches=patch_names(args),
         )
         try:
             server.wait_up()

@@ -28,11 +28,10 @@ from aiohttp.test_utils import TestClient, TestServer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from standin.comfy import StandinComfy  # noqa: E402
-
 from comfy_courier import wiring  # noqa: E402
 from comfy_courier.executor.settings import Settings  # noqa: E402
 from comfy_courier.routes import add_routes  # noqa: E402
+from standin.comfy import StandinComfy  # noqa: E402
 
 API_KEY = "load-test-inbound-key-0123456789"
 

@@ -218,10 +218,6 @@ async def main(args: argparse.Namespace) -> None:
     add_routes(comfy.routes, lambda: courier, settings)
     if args.instrument:
         instrument(comfy)
-    if args.patched:
-        from patches import apply
-
-        apply(tuple(args.patched.split(",")))
     sockets: dict[str, web.WebSocketResponse] = {}
     add_comfy_routes(comfy, sockets)
     notify_after_task_done(comfy, loop, sockets)
@@ -256,7 +252,6 @@ if __name__ == "__main__":
     parser.add_argument("--base", required=True)
     parser.add_argument("--version", default="0.3.64")
     parser.add_argument("--profile", help="cProfile the event-loop thread into this file")
-    parser.add_argument("--patched", default="", help="apply patches.py fixes (P1,P2,...)")
     parser.add_argument(
         "--instrument",
         action="store_true",
