@@ -11,8 +11,8 @@ iteration runs, in random order and one at a time on an idle server:
 - plain:   POST /prompt (the same graph with SaveImage) -> the websocket's `executing`
            node=None message, which ComfyUI sends right after task_done wrote the history
            entry;
-- upload:  SupabaseStorage.put of the same 64x64 PNG to the same storage server, from
-           this process (the courier's own storage class).
+- upload:  SupabaseStorage.put of the same 64x64 image, in the node's default format (jpeg),
+           to the same storage server, from this process (the courier's own storage class).
 Each request uses a new EmptyImage colour so neither graph is served from ComfyUI's cache.
 
     python benchmarks/bench_e2e.py [--quick] [--standin] [--iterations N]
@@ -119,9 +119,9 @@ async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str
 
     async def upload_once() -> None:
         pixels = np.full((64, 64, 3), next_color() & 0xFF, dtype=np.uint8)
-        image = encode(pixels, "png", 90)
+        image = encode(pixels, "jpeg", 90)  # SaveAndCallback's default format and quality
         t0 = time.monotonic()
-        await storage.put(f"bench/{unique_id('up')}.png", image.data, image.content_type)
+        await storage.put(f"bench/{unique_id('up')}.jpg", image.data, image.content_type)
         out["upload"].append(time.monotonic() - t0)
 
     def next_color() -> int:
@@ -199,7 +199,7 @@ def main() -> int:
                     len(p),
                 ],
                 [
-                    "upload of the same PNG (SupabaseStorage.put)",
+                    "upload of the same image (SupabaseStorage.put)",
                     f"{p50(u) * 1000:.2f} ms",
                     f"{pct(u, 90) * 1000:.2f} ms",
                     len(u),
