@@ -179,11 +179,7 @@ class Journal:
             return [self._admit(db, job) for job in jobs]
 
     def _admit(self, db: sqlite3.Connection, job: Job) -> Job | None:
-        row = db.execute(
-            "SELECT * FROM jobs WHERE content_request_id = ? ORDER BY attempt DESC LIMIT 1",
-            (job.content_request_id,),
-        ).fetchone()
-        latest = self._job(row) if row else None
+        latest = self.latest(job.content_request_id)  # same connection: inside the transaction
         if latest is not None and latest.blocks(job.fingerprint):
             return latest
         job.attempt = latest.attempt + 1 if latest is not None else 1
