@@ -285,6 +285,15 @@ class Peers:
     def callback_url(self) -> str:
         return f"{self.control_url}/callback"
 
+    def supabase_env(self) -> dict[str, str]:
+        """The courier's settings for uploading here and calling back here."""
+        return {
+            "COURIER_STORAGE": "supabase",
+            "SUPABASE_URL": self.storage_url,
+            "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+            "COURIER_CALLBACK_URL": self.callback_url,
+        }
+
     def set_delay(self, seconds: float) -> None:
         http_json(f"{self.control_url}/delay", "POST", {"seconds": seconds})
 

@@ -163,16 +163,7 @@ def main() -> int:
     )
     with TempDir(args.keep, "bench-e2e-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_server(
-            tmp / "server",
-            comfy,
-            {
-                "COURIER_STORAGE": "supabase",
-                "SUPABASE_URL": peers.storage_url,
-                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
-                "COURIER_CALLBACK_URL": peers.callback_url,
-            },
-        )
+        server = start_server(tmp / "server", comfy, peers.supabase_env())
         try:
             server.wait_up()
             res = asyncio.run(measure(server.url, peers, iterations, 0.05))

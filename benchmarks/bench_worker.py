@@ -32,7 +32,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     COURIER_HEADERS,
-    SERVICE_KEY,
     RawClient,
     TempDir,
     base_parser,
@@ -206,16 +205,7 @@ def main() -> int:
     rows = []
     with TempDir(args.keep, "bench-worker-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_server(
-            tmp / "server",
-            comfy,
-            {
-                "COURIER_STORAGE": "supabase",
-                "SUPABASE_URL": peers.storage_url,
-                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
-                "COURIER_CALLBACK_URL": peers.callback_url,
-            },
-        )
+        server = start_server(tmp / "server", comfy, peers.supabase_env())
         try:
             server.wait_up()
             peers.set_delay(0.0)
