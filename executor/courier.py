@@ -11,9 +11,9 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from .ids import uuid7
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
 from .journal import GroupCommit, Journal, JournalThread, OutboxEvent
+from .keyed_lock import KeyedLock
 from .metrics import Metrics
 from .settings import Settings
 from .status_updates import StatusNotifier
@@ -92,7 +93,7 @@ class Courier:
         self._admitting = 0  # requests between the queue-limit check and their insert
         self._admit = GroupCommit(db, Journal.admit)
         self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
-        self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, holders + waiters
+        self._id_locks = KeyedLock()  # concurrent requests for one id never both run
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -133,21 +134,6 @@ class Courier:
 
     # -- intake -------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _locked(self, content_request_id: str) -> AsyncIterator[None]:
-        """Serialise requests for one id so concurrent duplicates never both run."""
-        lock, users = self._id_locks.get(content_request_id, (asyncio.Lock(), 0))
-        self._id_locks[content_request_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._id_locks[content_request_id]
-            if users == 1:
-                del self._id_locks[content_request_id]  # memory stays bounded by requests in flight
-            else:
-                self._id_locks[content_request_id] = (lock, users - 1)
-
     async def submit(self, request: intake.Request) -> tuple[int, dict[str, Any]]:
         """Accept a job (202), replay a duplicate (200), or raise the matching error.
 
@@ -156,7 +142,7 @@ class Courier:
         order (duplicate, 429, validation): the rarer paths read the journal again.
         """
         cid = request.content_request_id
-        async with self._locked(cid):
+        async with self._id_locks(cid):
             if len(self._runs) + self._admitting >= self.settings.max_queue:
                 replay = await self._duplicate_answer(request)
                 if replay is not None:
@@ -184,10 +170,12 @@ class Courier:
                     if replay is not None:
                         return replay
                     raise
-                # Shielded: once the row may be committed, the job must reach ComfyUI's
-                # queue even if this request is cancelled (its retry then gets a replay).
-                blocking, position = await asyncio.shield(
-                    self._admit_and_enqueue(job, prompt, outputs, request)
+                # The enqueue follows the commit inside the group commit, so a committed job
+                # reaches ComfyUI's queue even if this request is cancelled meanwhile (its
+                # retry then gets a replay).
+                uses_node = intake.uses_courier_node(request.workflow)
+                blocking, position = await self._admit(
+                    job, partial(self._enqueue_admitted, job, prompt, outputs, uses_node)
                 )
                 if blocking is not None:
                     return await self._replay(blocking, request)
@@ -202,14 +190,17 @@ class Courier:
             self.status_updates.update(job, "queued", 0.0)
         return 202, body
 
-    async def _admit_and_enqueue(
-        self, job: Job, prompt: dict[str, Any], outputs: list[str], request: intake.Request
+    def _enqueue_admitted(
+        self,
+        job: Job,
+        prompt: dict[str, Any],
+        outputs: list[str],
+        uses_node: bool,
+        blocking: Job | None,
     ) -> tuple[Job | None, int]:
-        """Commit the job, then queue it: the blocking attempt instead, if there is one."""
-        blocking = await self._admit(job)
+        """Once the journal has answered: queue the job, unless an attempt blocks it."""
         if blocking is not None:
             return blocking, 0
-        uses_node = intake.uses_courier_node(request.workflow)
         return None, self._enqueue(job, prompt, outputs, uses_node)
 
     async def _duplicate_answer(self, request: intake.Request) -> tuple[int, dict[str, Any]] | None:
@@ -284,7 +275,7 @@ class Courier:
         return self.settings.callback_url is not None and not job.final
 
     async def cancel(self, content_request_id: str) -> dict[str, Any]:
-        async with self._locked(content_request_id):
+        async with self._id_locks(content_request_id):
             job = await self.db(Journal.latest, content_request_id)
             if job is None:
                 raise NotFound(f"no job with content_request_id {content_request_id!r}")

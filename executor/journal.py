@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: outbox_dead index; each version's statements are idempotent
 
@@ -498,6 +501,7 @@ class Journal:
         )
 
 
+R = TypeVar("R")
 T = TypeVar("T")
 X = TypeVar("X")
 
@@ -543,6 +547,9 @@ class GroupCommit(Generic[X, T]):
     into a commit per burst (the journal's cost is mostly the commit); alone, a call
     waits no longer than before. If a batch fails, its calls are retried one by one so
     one bad item fails only its own caller.
+
+    A call's `then` runs on the loop as soon as its result is written, even if the caller
+    was cancelled meanwhile: what must follow a commit cannot be lost between the two.
     """
 
     def __init__(
@@ -551,12 +558,18 @@ class GroupCommit(Generic[X, T]):
         self._db = db
         self._many = many
         self._max_batch = max_batch
-        self._waiting: list[tuple[X, asyncio.Future[T]]] = []
+        self._waiting: list[tuple[X, asyncio.Future[Any], Callable[[T], Any] | None]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def __call__(self, item: X) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+    @overload
+    async def __call__(self, item: X) -> T: ...
+
+    @overload
+    async def __call__(self, item: X, then: Callable[[T], R]) -> R: ...
+
+    async def __call__(self, item: X, then: Callable[[T], Any] | None = None) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future, then))
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write())
         return await future
@@ -567,25 +580,38 @@ class GroupCommit(Generic[X, T]):
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
                 try:
-                    results = await self._db(self._many, [item for item, _ in batch])
+                    results = await self._db(self._many, [item for item, _, _ in batch])
                 except Exception as e:
                     if len(batch) == 1:
                         _fail(batch[0][1], e)
                         continue
-                    for item, future in batch:
+                    for item, future, then in batch:
                         try:
-                            _resolve(future, (await self._db(self._many, [item]))[0])
+                            result = (await self._db(self._many, [item]))[0]
                         except Exception as one:
                             _fail(future, one)
+                            continue
+                        _settle(future, then, result)
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    _resolve(future, result)
+                for (_, future, then), result in zip(batch, results, strict=True):
+                    _settle(future, then, result)
         finally:
             self._writer = None
 
 
+def _settle(future: asyncio.Future[Any], then: Callable[[T], Any] | None, result: T) -> None:
+    try:
+        value = result if then is None else then(result)
+    except Exception as e:
+        if future.done():  # nobody is left to raise it to
+            log.error("[courier] follow-up of a journal write failed", exc_info=e)
+        _fail(future, e)
+        return
+    _resolve(future, value)
+
+
 def _resolve(future: asyncio.Future[T], result: T) -> None:
-    if not future.done():  # else the caller gave up; the write stands (see Courier.submit)
+    if not future.done():  # else the caller gave up; the write stands
         future.set_result(result)
 
 

@@ -161,6 +161,30 @@ async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
     db.close()
 
 
+async def test_group_commit_runs_then_even_when_the_caller_gave_up(tmp_path):
+    import asyncio
+
+    from comfy_courier.executor.journal import GroupCommit, JournalThread
+
+    db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
+    commit = GroupCommit(db, Journal.admit)
+    followed: list[str] = []
+
+    def then(blocking):
+        followed.append("queued" if blocking is None else "blocked")
+        return len(followed)
+
+    assert await commit(make_job("t1", attempt=0, prompt_id="pt1"), then) == 1
+    caller = asyncio.ensure_future(commit(make_job("t2", attempt=0, prompt_id="pt2"), then))
+    await asyncio.sleep(0)  # the write is under way
+    caller.cancel()
+    while len(followed) < 2:
+        await asyncio.sleep(0.01)
+    assert caller.cancelled() and followed == ["queued", "queued"]
+    assert await db(Journal.count_unfinished) == 2
+    db.close()
+
+
 def test_version_1_journal_gains_the_dead_letter_index(tmp_path):
     j = Journal(tmp_path / "v1.sqlite3")
     j._db.execute("DROP INDEX outbox_dead")

@@ -239,4 +239,24 @@ async def test_health_has_no_secrets(make_harness):
 async def test_per_id_locks_do_not_accumulate(make_harness):
     h = await make_harness(start_worker=False)
     await asyncio.gather(*(h.post(model_free(), f"lk{i % 5}") for i in range(40)))
-    assert h.courier._id_locks == {}
+    assert len(h.courier._id_locks) == 0
+
+
+async def test_a_request_cancelled_while_its_row_commits_still_queues_the_job(make_harness):
+    from comfy_courier.executor.intake import parse_request
+
+    h = await make_harness(start_worker=False)
+    raw = json.dumps({"workflow_json": model_free(), "content_request_id": "gone1"}).encode()
+    submit = asyncio.ensure_future(h.courier.submit(parse_request(raw)))
+    while not h.courier._admit._waiting:  # validated; its row is about to be written
+        await asyncio.sleep(0)
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    deadline = asyncio.get_running_loop().time() + 5
+    while h.comfy.prompt_queue.get_tasks_remaining() == 0:
+        assert asyncio.get_running_loop().time() < deadline, "the committed job never queued"
+        await asyncio.sleep(0.01)
+    status, body = await h.post(model_free(), "gone1")  # the client's retry: a replay
+    assert status == 200 and body["state"] == "queued" and body["attempt"] == 1
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 1
