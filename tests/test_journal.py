@@ -72,6 +72,27 @@ def test_admit_applies_the_duplicate_rule_in_its_transaction(journal):
     assert journal.admit([make_job(attempt=0, prompt_id="p5")])[0].attempt == 2
 
 
+def test_admit_of_a_large_mixed_lot_matches_one_by_one(journal):
+    # ids with an attempt that failed, that runs, that succeeded; new ids; one id twice
+    for cid, state in (("err", JobState.ERROR), ("run", JobState.QUEUED), ("ok", JobState.SUCCESS)):
+        job = make_job(cid, attempt=0, prompt_id=f"{cid}-1")
+        journal.admit([job])
+        if state.final:
+            job.state, job.finished_at = state, 2.0
+            job.error_type = ErrorType.EXECUTION if state is JobState.ERROR else None
+            journal.finish(job, event(cid, 1, f"msg_{cid}"))
+    lot = [make_job(f"new{i}", attempt=0, prompt_id=f"new{i}-1") for i in range(230)]
+    lot += [make_job(cid, attempt=0, prompt_id=f"{cid}-2") for cid in ("err", "run", "ok")]
+    lot.append(make_job("new7", attempt=0, prompt_id="new7-2"))  # the lot's own first blocks it
+    results = journal.admit(lot)
+    assert results[:230] == [None] * 230 and {job.attempt for job in lot[:230]} == {1}
+    assert results[230] is None and lot[230].attempt == 2  # after an error: the next attempt
+    assert [r.prompt_id for r in results[231:]] == ["run-1", "ok-1", "new7-1"]
+    assert journal.latest("new229").prompt_id == "new229-1"
+    assert journal.by_prompt("new7-2") is None and journal.by_prompt("ok-2") is None
+    assert journal.outbox_counts() == {"dropped": 1, "pending": 1}  # err's old event dropped
+
+
 def test_unfinished_is_per_instance_and_survives_reopen(tmp_path):
     j = Journal(tmp_path / "x.sqlite3")
     j.insert(make_job("a", prompt_id="pa"))
