@@ -18,7 +18,8 @@ from .executor.comfy_adapter import ComfyAdapter
 from .executor.courier import Courier
 from .executor.delivery import DEFAULT_SCHEDULE, Deliverer
 from .executor.errors import UnsupportedComfyUI
-from .executor.journal import Journal, JournalThread
+from .executor.journal import Journal
+from .executor.journal_thread import JournalThread
 from .executor.settings import Settings
 from .executor.status_updates import StatusNotifier
 from .executor.storage import Storage

@@ -133,7 +133,7 @@ def instrument(comfy: StandinComfy) -> None:
     import time
 
     from comfy_courier.executor.courier import Courier
-    from comfy_courier.executor.journal import JournalThread
+    from comfy_courier.executor.journal_thread import JournalThread
 
     samples: dict[str, list[float]] = {}
 

@@ -31,7 +31,8 @@ from .errors import (
 from .ids import uuid7
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
-from .journal import GroupCommit, Journal, JournalThread, OutboxEvent
+from .journal import Journal, OutboxEvent
+from .journal_thread import GroupCommit, JournalThread
 from .keyed_lock import KeyedLock
 from .metrics import Metrics
 from .settings import Settings

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from .journal import Journal, JournalThread, OutboxEvent
+from .journal import Journal, OutboxEvent
+from .journal_thread import JournalThread
 from .signing import signature_headers
 
 log = logging.getLogger(__name__)

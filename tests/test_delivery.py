@@ -4,7 +4,8 @@ import pytest
 
 from comfy_courier.executor.delivery import Deliverer, Delivered, Permanent, Retry, classify, parse_retry_after
 from comfy_courier.executor.jobs import Job, JobState
-from comfy_courier.executor.journal import Journal, JournalThread, OutboxEvent
+from comfy_courier.executor.journal import Journal, OutboxEvent
+from comfy_courier.executor.journal_thread import JournalThread
 
 
 @pytest.mark.parametrize("status, kind", [(200, Delivered), (204, Delivered), (301, Retry),

@@ -139,7 +139,7 @@ def test_adopting_a_silent_instance_moves_its_unfinished_work(journal):
 async def test_group_commit_writes_a_burst_in_few_transactions(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal import GroupCommit, JournalThread
+    from comfy_courier.executor.journal_thread import GroupCommit, JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
     batches: list[int] = []
@@ -160,7 +160,7 @@ async def test_group_commit_writes_a_burst_in_few_transactions(tmp_path):
 async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal import GroupCommit, JournalThread
+    from comfy_courier.executor.journal_thread import GroupCommit, JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
 
@@ -185,7 +185,7 @@ async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
 async def test_group_commit_runs_then_even_when_the_caller_gave_up(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal import GroupCommit, JournalThread
+    from comfy_courier.executor.journal_thread import GroupCommit, JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
     commit = GroupCommit(db, Journal.admit)

@@ -16,7 +16,8 @@ import pytest
 from comfy_courier.executor import signing
 from comfy_courier.executor.delivery import Deliverer
 from comfy_courier.executor.jobs import Job, JobState
-from comfy_courier.executor.journal import Journal, JournalThread, OutboxEvent
+from comfy_courier.executor.journal import Journal, OutboxEvent
+from comfy_courier.executor.journal_thread import JournalThread
 from comfy_courier.executor.signing import signature_headers
 from conftest import CALLBACK_KEY, WEBHOOK_SECRET, Received, model_free
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
