@@ -250,9 +250,7 @@ def main() -> int:
             input_dir = tmp / "input"
             input_dir.mkdir()
             Image.fromarray((pixels * 255).round().astype(np.uint8)).save(input_dir / "bench.png")
-            server = start_server(
-                tmp / "server", comfy, input_dir=input_dir
-            )
+            server = start_server(tmp / "server", comfy, input_dir=input_dir)
             try:
                 server.wait_up()
                 real = asyncio.run(through_comfyui(server.url, "bench.png", runs))

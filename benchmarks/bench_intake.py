@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     COURIER_HEADERS,
     JournalReader,
+    Peers,
     RawClient,
+    Server,
     TempDir,
     base_parser,
     comfy_dir_of,
@@ -67,6 +69,19 @@ def ui_prompt_body(wf: dict[str, Any]) -> bytes:
         if node.get("class_type") in ("SaveAndCallback", "SaveImage"):
             node["inputs"] = {**node["inputs"], "filename_prefix": f"ui/{unique_id('p')}/social"}
     return prompt_body(nodes, "bench-intake")
+
+
+def start_intake_server(base: Path, comfy: Path | None, peers: Peers) -> Server:
+    """The server the intake benchmarks measure: no 429s, callbacks to the peers' receiver."""
+    return start_server(
+        base,
+        comfy,
+        {
+            "COURIER_MAX_QUEUE": "1000000",
+            "COURIER_CALLBACK_URL": peers.callback_url,
+            "COURIER_CALLBACK_API_KEY": "bench-callback-key-0123456789abcdef",
+        },
+    )
 
 
 async def latency_phase(
@@ -162,15 +177,7 @@ def main() -> int:
     }
     with TempDir(args.keep, "bench-intake-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_server(
-            tmp / "server",
-            comfy,
-            {
-                "COURIER_MAX_QUEUE": "1000000",
-                "COURIER_CALLBACK_URL": peers.callback_url,
-                "COURIER_CALLBACK_API_KEY": "bench-callback-key-0123456789abcdef",
-            },
-        )
+        server = start_intake_server(tmp / "server", comfy, peers)
         reader = JournalReader(server.db)
         try:
             server.wait_up()

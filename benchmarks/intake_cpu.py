@@ -28,12 +28,11 @@ from _common import (  # noqa: E402
     comfy_dir_of,
     print_header,
     start_peers,
-    start_server,
     table,
     workflow,
     write_json,
 )
-from bench_intake import load_phase  # noqa: E402
+from bench_intake import load_phase, start_intake_server  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -80,15 +79,7 @@ def main() -> int:
     rows: dict[str, list[dict[str, float]]] = {"prompt": [], "courier": []}
     with TempDir(args.keep, "intake-cpu-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_server(
-            tmp / "server",
-            comfy,
-            {
-                "COURIER_MAX_QUEUE": "1000000",
-                "COURIER_CALLBACK_URL": peers.callback_url,
-                "COURIER_CALLBACK_API_KEY": "bench-callback-key-0123456789abcdef",
-            },
-        )
+        server = start_intake_server(tmp / "server", comfy, peers)
         try:
             server.wait_up()
             for kind in ("courier", "prompt"):  # warm-up

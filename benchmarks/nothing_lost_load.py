@@ -84,15 +84,20 @@ async def run(jobs: int, fail: float, slow: float, drop: float, seed: int) -> di
     recv_server = TestServer(app, host="127.0.0.1")
     await recv_server.start_server()
 
-    settings = Settings.from_env({
-        "COURIER_API_KEY": API_KEY, "COURIER_CALLBACK_URL": str(recv_server.make_url("/callback")),
-        "COURIER_DB": str(tmp / "journal.sqlite3"), "COURIER_MAX_QUEUE": str(jobs + 1),
-        "COURIER_PUBLIC_BASE_URL": "http://courier.test",
-    })
+    settings = Settings.from_env(
+        {
+            "COURIER_API_KEY": API_KEY,
+            "COURIER_CALLBACK_URL": str(recv_server.make_url("/callback")),
+            "COURIER_DB": str(tmp / "journal.sqlite3"),
+            "COURIER_MAX_QUEUE": str(jobs + 1),
+            "COURIER_PUBLIC_BASE_URL": "http://courier.test",
+        }
+    )
     comfy = StandinComfy(tmp / "comfy")
     adapter = comfy.adapter()
-    courier = wiring.build_courier(settings, adapter, schedule=(0, 0.05, 0.1, 0.2),
-                                   delivery_timeout=0.2, jitter=0.1)
+    courier = wiring.build_courier(
+        settings, adapter, schedule=(0, 0.05, 0.1, 0.2), delivery_timeout=0.2, jitter=0.1
+    )
     loop = asyncio.get_running_loop()
     wiring._runtime = wiring.Runtime(settings, adapter, courier, loop)
     add_routes(comfy.routes, lambda: courier, settings)
@@ -107,9 +112,11 @@ async def run(jobs: int, fail: float, slow: float, drop: float, seed: int) -> di
 
     async def post(i: int) -> None:
         async with semaphore:
-            resp = await client.post("/execute-workflow", headers={"X-API-Key": API_KEY},
-                                     json={"workflow_json": workflow(i),
-                                           "content_request_id": f"load-{i}"})
+            resp = await client.post(
+                "/execute-workflow",
+                headers={"X-API-Key": API_KEY},
+                json={"workflow_json": workflow(i), "content_request_id": f"load-{i}"},
+            )
             statuses[resp.status] += 1
             await resp.release()
 
@@ -126,15 +133,17 @@ async def run(jobs: int, fail: float, slow: float, drop: float, seed: int) -> di
     delivered = sum(1 for ids in receiver.seen.values() if len(ids) == 1)
     events_per_attempt = Counter(len(ids) for ids in receiver.seen.values())
     duplicates = sum(n - 1 for n in receiver.processed.values() if n > 1)
-    never_processed = sum(1 for ids in receiver.seen.values()
-                          if not any(receiver.processed[i] for i in ids))
+    never_processed = sum(
+        1 for ids in receiver.seen.values() if not any(receiver.processed[i] for i in ids)
+    )
     health = await courier.health()
     result = {
         "jobs posted": jobs,
         "accepted (202)": accepted,
         "attempts with exactly one webhook-id": delivered,
         "attempts with more than one webhook-id": sum(
-            n for k, n in events_per_attempt.items() if k > 1),
+            n for k, n in events_per_attempt.items() if k > 1
+        ),
         "lost (accepted, no callback processed)": accepted - len(receiver.seen) + never_processed,
         "duplicates (processed again after a late answer)": duplicates,
         "late answers (the only allowed cause)": receiver.outcomes["late"],
@@ -164,10 +173,12 @@ def main() -> None:
     result = asyncio.run(run(jobs, args.fail, args.slow, args.drop, args.seed))
     for name, value in result.items():
         print(f"{name:>42}: {value}")
-    ok = (result["lost (accepted, no callback processed)"] == 0
-          and result["duplicates (processed again after a late answer)"]
-          <= result["late answers (the only allowed cause)"]
-          and result["attempts with more than one webhook-id"] == 0)
+    ok = (
+        result["lost (accepted, no callback processed)"] == 0
+        and result["duplicates (processed again after a late answer)"]
+        <= result["late answers (the only allowed cause)"]
+        and result["attempts with more than one webhook-id"] == 0
+    )
     sys.exit(0 if ok else 1)
 
 
