@@ -112,6 +112,9 @@ class Journal:
         self._db.execute("PRAGMA busy_timeout = 10000")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
+        # Statement journals and sorts stay in memory: on disk, a batch of admissions
+        # created, unlinked and closed a temp file in /var/tmp every time (seen with strace).
+        self._db.execute("PRAGMA temp_store = MEMORY")
         self._migrate()
 
     def close(self) -> None:

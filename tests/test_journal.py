@@ -218,3 +218,9 @@ def test_version_1_journal_gains_the_dead_letter_index(tmp_path):
         "EXPLAIN QUERY PLAN SELECT count(*) FROM outbox WHERE state = 'dead'"))
     assert "outbox_dead" in plan  # no scan of the delivered rows
     j.close()
+
+
+def test_temp_data_stays_in_memory(journal):
+    # on disk, every admission batch created and unlinked a temp file (statement journal)
+    assert journal._db.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+    assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
