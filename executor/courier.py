@@ -548,16 +548,14 @@ class Courier:
         return ErrorType.EXECUTION, f"ComfyUI reported {completion.status_str!r}", None
 
     async def _mark_running(self, run: Run, started_at: float | None = None) -> None:
-        if run.job.state is not JobState.QUEUED:
-            return
-        run.job.state = JobState.RUNNING
-        run.job.started_at = started_at or self.clock()
-        if self.status_updates is not None:
-            self.status_updates.update(run.job, "running", 0.0)
-        await self.db(
-            Journal.set_state, run.job.prompt_id, JobState.RUNNING, started_at=run.job.started_at
-        )
         job = run.job
+        if job.state is not JobState.QUEUED:
+            return
+        job.state = JobState.RUNNING
+        job.started_at = started_at or self.clock()
+        if self.status_updates is not None:
+            self.status_updates.update(job, "running", 0.0)
+        await self.db(Journal.set_state, job.prompt_id, JobState.RUNNING, started_at=job.started_at)
         log.debug("[courier] running id=%s prompt=%s", job.content_request_id, job.prompt_id)
 
     async def _finish(

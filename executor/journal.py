@@ -153,11 +153,7 @@ class Journal:
     # -- jobs ---------------------------------------------------------------------------
 
     def latest(self, content_request_id: str) -> Job | None:
-        row = self._db.execute(
-            "SELECT * FROM jobs WHERE content_request_id = ? ORDER BY attempt DESC LIMIT 1",
-            (content_request_id,),
-        ).fetchone()
-        return self._job(row) if row else None
+        return self._latest_of([content_request_id]).get(content_request_id)
 
     def by_prompt(self, prompt_id: str) -> Job | None:
         row = self._db.execute("SELECT * FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
@@ -200,7 +196,7 @@ class Journal:
             return results
 
     def _latest_of(self, ids: list[str]) -> dict[str, Job]:
-        """The latest attempt of each id that has one (inside the caller's transaction)."""
+        """The latest attempt of each id that has one (inside a transaction, if one is open)."""
         latest: dict[str, Job] = {}
         for start in range(0, len(ids), _ROWS_PER_STATEMENT):
             chunk = ids[start : start + _ROWS_PER_STATEMENT]
