@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -93,6 +94,14 @@ def add_routes(
                 return await handler(request, courier)
             except CourierError as e:
                 return error_response(e)
+            except sqlite3.Error as e:  # the request may or may not be recorded: retry it
+                log.error("[courier] %s %s: journal failed: %s", request.method, request.path, e)
+                return error_response(
+                    Unavailable(
+                        "comfy-courier's job journal failed; retry with the same "
+                        "content_request_id (a job already accepted is never run twice)"
+                    )
+                )
             except Exception:
                 log.exception("[courier] %s %s failed", request.method, request.path)
                 return web.json_response(

@@ -18,8 +18,9 @@ from .executor.comfy_adapter import ComfyAdapter
 from .executor.courier import Courier
 from .executor.delivery import DEFAULT_SCHEDULE, Deliverer
 from .executor.errors import UnsupportedComfyUI
-from .executor.journal import Journal
-from .executor.journal_thread import JournalThread
+from .executor.journal_process import JournalProcess
+from .executor.journal_runner import JournalRunner
+from .executor.journal_thread import JournalThread, Opener
 from .executor.settings import Settings
 from .executor.status_updates import StatusNotifier
 from .executor.storage import Storage
@@ -66,10 +67,15 @@ def build_courier(
     delivery_timeout: float = 10.0,
     jitter: float = 0.1,
     upload_schedule: tuple[float, ...] = (0.5, 2.0, 8.0),
+    journal_thread: bool = False,
 ) -> Courier:
-    """Everything the courier needs, from settings; shared by ComfyUI start-up and tests."""
+    """Everything the courier needs, from settings; shared by ComfyUI start-up and tests.
+
+    `journal_thread` runs the journal on a thread of this process, where a test can patch
+    `Journal`'s methods; otherwise it runs in a child process (journal_process.py).
+    """
     path = settings.db_path or adapter.user_directory() / "courier" / "courier.sqlite3"
-    db = JournalThread(lambda: Journal(path))
+    db: JournalRunner = JournalThread(Opener(path)) if journal_thread else JournalProcess(path)
     instance = settings.instance or adapter.instance_name()
     deliverer = None
     if settings.callback_url:
@@ -92,7 +98,7 @@ def build_courier(
             settings.webhook_secrets,
             interval=settings.progress_interval,
         )
-    return Courier(
+    courier = Courier(
         settings,
         adapter,
         db,
@@ -102,6 +108,9 @@ def build_courier(
         status=status,
         upload_schedule=upload_schedule,
     )
+    if isinstance(db, JournalProcess):
+        db.on_lost = courier.journal_lost
+    return courier
 
 
 def setup() -> None:

@@ -32,7 +32,7 @@ from .ids import uuid7
 from .images import EncodedImage, sanitize_file
 from .jobs import CallbackSummary, ErrorType, Job, JobState, Output, callback_body, status_body
 from .journal import Journal, OutboxEvent
-from .journal_thread import GroupCommit, JournalThread
+from .journal_runner import GroupCommit, JournalRunner
 from .keyed_lock import KeyedLock
 from .metrics import Metrics
 from .settings import Settings
@@ -66,7 +66,7 @@ class Courier:
         self,
         settings: Settings,
         comfy: ComfyPort,
-        db: JournalThread,
+        db: JournalRunner,
         storage: Storage,
         instance: str,
         deliverer: Deliverer | None = None,
@@ -199,11 +199,12 @@ class Courier:
         prompt: dict[str, Any],
         outputs: list[str],
         uses_node: bool,
-        blocking: Job | None,
+        admitted: Job | int,
     ) -> tuple[Job | None, int]:
         """Once the journal has answered: queue the job, unless an attempt blocks it."""
-        if blocking is not None:
-            return blocking, 0
+        if isinstance(admitted, Job):
+            return admitted, 0
+        job.attempt = admitted
         return None, self._enqueue(job, prompt, outputs, uses_node)
 
     async def _duplicate_answer(self, request: intake.Request) -> tuple[int, dict[str, Any]] | None:
@@ -671,32 +672,39 @@ class Courier:
             return
         snapshot = self.comfy.queue_snapshot()
         now = self.clock()
-        for prompt_id, run in list(self._runs.items()):
-            if run.completed or prompt_id in self._done_seen:
+        # Set operations, not a loop over every job: a long queue costs the loop little.
+        # Both lists are taken before the first await, so no job queued later is in them.
+        running = [p for p in snapshot.running if p in self._runs]
+        vanished = self._runs.keys() - snapshot.pending.keys() - snapshot.running
+        for prompt_id in running:
+            run = self._runs.get(prompt_id)
+            if run is None or run.completed or prompt_id in self._done_seen:
                 continue
             job = run.job
-            if prompt_id in snapshot.running:
-                if job.state is JobState.QUEUED:
-                    await self._mark_running(run)
-                if job.cancel_requested:
-                    # ComfyUI clears its interrupt flag when a prompt starts: a DELETE that
-                    # landed just before would be lost without asking again.
-                    self.comfy.interrupt(prompt_id)
-                started = job.started_at or now
-                if now - started > self.settings.job_timeout:
-                    self.comfy.interrupt(prompt_id)
-                    run.completed = True
-                    await self._finish(
-                        run,
-                        ErrorType.TIMEOUT,
-                        f"ran longer than {self.settings.job_timeout:g} s "
-                        "(COURIER_JOB_TIMEOUT); interrupted",
-                    )
-            elif prompt_id not in snapshot.pending and prompt_id not in self._done_seen:
+            if job.state is JobState.QUEUED:
+                await self._mark_running(run)
+            if job.cancel_requested:
+                # ComfyUI clears its interrupt flag when a prompt starts: a DELETE that
+                # landed just before would be lost without asking again.
+                self.comfy.interrupt(prompt_id)
+            started = job.started_at or now
+            if now - started > self.settings.job_timeout:
+                self.comfy.interrupt(prompt_id)
                 run.completed = True
                 await self._finish(
-                    run, ErrorType.CANCELLED, "removed from ComfyUI's queue before it ran"
+                    run,
+                    ErrorType.TIMEOUT,
+                    f"ran longer than {self.settings.job_timeout:g} s "
+                    "(COURIER_JOB_TIMEOUT); interrupted",
                 )
+        for prompt_id in vanished:
+            run = self._runs.get(prompt_id)
+            if run is None or run.completed or prompt_id in self._done_seen:
+                continue  # ended meanwhile, or its completion is on its way
+            run.completed = True
+            await self._finish(
+                run, ErrorType.CANCELLED, "removed from ComfyUI's queue before it ran"
+            )
 
     async def _worker_died(self) -> None:
         """ComfyUI's prompt worker thread is gone: nothing queued will ever run."""
@@ -731,6 +739,15 @@ class Courier:
         return adopted
 
     # -- recovery -----------------------------------------------------------------------
+
+    def journal_lost(self) -> None:
+        """The journal process died mid-call: requeue what it committed but never answered.
+
+        An admission it wrote just before dying is in the journal but not in ComfyUI's queue
+        (its request got a 503; the retry gets a replay); `recover` resubmits it.
+        """
+        if self.ready.is_set():
+            self._spawn(self.recover())
 
     async def recover(self) -> None:
         """Finish or resubmit what a previous process of this instance left unfinished."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from .journal import Journal, OutboxEvent
-from .journal_thread import JournalThread
+from .journal_runner import JournalRunner
 from .signing import signature_headers
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def classify(code: int, retry_after: str | None, now: float) -> Outcome:
 class Deliverer:
     def __init__(
         self,
-        db: JournalThread,
+        db: JournalRunner,
         instance: str,
         url: str,
         api_key: str | None,

@@ -14,7 +14,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,11 +167,12 @@ class Journal:
         except sqlite3.IntegrityError as e:
             raise DuplicateAttempt(job.content_request_id) from e
 
-    def admit(self, jobs: list[Job]) -> list[Job | None]:
+    def admit(self, jobs: list[Job]) -> list[Job | int]:
         """Insert each job as the next attempt of its id, unless an earlier one blocks it.
 
         Per job: the latest attempt when it runs, succeeded, or holds another workflow (the
-        caller answers 200 or 409), else None with `job.attempt` set. One transaction for
+        caller answers 200 or 409), else the attempt number it was inserted with (`jobs`
+        are not changed: they may be copies, in the journal process). One transaction for
         the lot: a burst of requests costs one commit, and processes sharing the journal
         never both accept an attempt. The lot is read and written with a statement per
         chunk, not per job: that halves the journal thread's CPU for a burst of 16 (8 µs a
@@ -180,17 +181,17 @@ class Journal:
         """
         with self._tx() as db:
             latest = self._latest_of(list({job.content_request_id for job in jobs}))
-            results: list[Job | None] = []
+            results: list[Job | int] = []
             accepted: list[Job] = []
             for job in jobs:
                 prior = latest.get(job.content_request_id)
                 if prior is not None and prior.blocks(job.fingerprint):
                     results.append(prior)
                     continue
-                job.attempt = prior.attempt + 1 if prior is not None else 1
-                latest[job.content_request_id] = job  # a later job of the lot sees this one
-                accepted.append(job)
-                results.append(None)
+                row = replace(job, attempt=prior.attempt + 1 if prior is not None else 1)
+                latest[job.content_request_id] = row  # a later job of the lot sees this one
+                accepted.append(row)
+                results.append(row.attempt)
             for start in range(0, len(accepted), _ROWS_PER_STATEMENT):
                 self._insert_rows(db, accepted[start : start + _ROWS_PER_STATEMENT])
             return results

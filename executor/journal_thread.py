@@ -1,24 +1,20 @@
-"""The journal's thread: journal calls from async code, and group commit of intake.
+"""The journal on a thread of ComfyUI's process: the fallback when no child process can start.
 
-`JournalThread` keeps disk work off ComfyUI's server loop; `GroupCommit` lets concurrent
-requests share one transaction on it.
+`JournalProcess` (journal_process.py) is the default: on a thread, every SQLite call gives
+up the GIL and must win it back from the busy server loop (see that module).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Generic, TypeVar, overload
+from pathlib import Path
+from typing import Any, TypeVar
 
 from .journal import Journal
 
-log = logging.getLogger(__name__)
-
-R = TypeVar("R")
 T = TypeVar("T")
-X = TypeVar("X")
 
 
 class JournalThread:
@@ -47,89 +43,22 @@ class JournalThread:
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._pool, self._run, fn, args, kwargs)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the journal on its own thread, then stop the thread."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def close(self) -> None:
         if self._journal is not None:
             self._pool.submit(self._journal.close).result()
             self._journal = None
         self._pool.shutdown(wait=True)
 
 
-class GroupCommit(Generic[X, T]):
-    """Calls made while one batch is being written go out together in the next one.
+class Opener:
+    """Opens the journal at `path`; a named callable for `JournalThread`'s opener."""
 
-    `many` handles a list in one transaction. Under load this turns a commit per request
-    into a commit per burst (the journal's cost is mostly the commit); alone, a call
-    waits no longer than before. If a batch fails, its calls are retried one by one so
-    one bad item fails only its own caller.
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
 
-    A call's `then` runs on the loop as soon as its result is written, even if the caller
-    was cancelled meanwhile: what must follow a commit cannot be lost between the two.
-    """
-
-    def __init__(
-        self, db: JournalThread, many: Callable[[Journal, list[X]], list[T]], max_batch: int = 256
-    ) -> None:
-        self._db = db
-        self._many = many
-        self._max_batch = max_batch
-        self._waiting: list[tuple[X, asyncio.Future[Any], Callable[[T], Any] | None]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    @overload
-    async def __call__(self, item: X) -> T: ...
-
-    @overload
-    async def __call__(self, item: X, then: Callable[[T], R]) -> R: ...
-
-    async def __call__(self, item: X, then: Callable[[T], Any] | None = None) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future, then))
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write())
-        return await future
-
-    async def _write(self) -> None:
-        try:
-            while self._waiting:
-                batch = self._waiting[: self._max_batch]
-                del self._waiting[: self._max_batch]
-                try:
-                    results = await self._db(self._many, [item for item, _, _ in batch])
-                except Exception as e:
-                    if len(batch) == 1:
-                        _fail(batch[0][1], e)
-                        continue
-                    for item, future, then in batch:
-                        try:
-                            result = (await self._db(self._many, [item]))[0]
-                        except Exception as one:
-                            _fail(future, one)
-                            continue
-                        _settle(future, then, result)
-                    continue
-                for (_, future, then), result in zip(batch, results, strict=True):
-                    _settle(future, then, result)
-        finally:
-            self._writer = None
-
-
-def _settle(future: asyncio.Future[Any], then: Callable[[T], Any] | None, result: T) -> None:
-    try:
-        value = result if then is None else then(result)
-    except Exception as e:
-        if future.done():  # nobody is left to raise it to
-            log.error("[courier] follow-up of a journal write failed", exc_info=e)
-        _fail(future, e)
-        return
-    _resolve(future, value)
-
-
-def _resolve(future: asyncio.Future[T], result: T) -> None:
-    if not future.done():  # else the caller gave up; the write stands
-        future.set_result(result)
-
-
-def _fail(future: asyncio.Future[T], error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)
+    def __call__(self) -> Journal:
+        return Journal(self.path)

@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 
 from comfy_courier import wiring
 from comfy_courier.executor.courier import Courier
+from comfy_courier.executor.journal import Journal
 from comfy_courier.executor.settings import Settings
 from comfy_courier.routes import add_routes
 from fakes.storage_server import FakeStorage, start_storage_server
@@ -154,6 +155,15 @@ class Harness:
             await asyncio.sleep(0.005)
         raise AssertionError(f"{cid} never reached {state}: {body}")
 
+    def journal_sql(self, statement: str, *params: Any) -> None:
+        """Change the journal from outside, as another process sharing it would."""
+        assert self.settings.db_path is not None
+        journal = Journal(self.settings.db_path)
+        try:
+            journal._db.execute(statement, params)
+        finally:
+            journal.close()
+
     async def settle(self) -> None:
         """Let deliveries in flight finish (no sleeps: wait on the work itself)."""
         if self.courier.deliverer is not None:
@@ -174,13 +184,17 @@ def base_env(receiver: Receiver | None, tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[HarnessFactory]:
-    """make_harness(env={...}, version="0.3.64", schedule=(0, 0.05), start=True)."""
+    """make_harness(env={...}, version="0.3.64", schedule=(0, 0.05), start=True).
+
+    journal_thread=True: a test that patches `Journal` needs the journal in this process.
+    """
     made: list[Harness] = []
 
     async def make(env: dict[str, str] | None = None, version: str = "0.3.64",
                    schedule: tuple[float, ...] = (0, 0.05, 0.1), with_receiver: bool = True,
                    base: Path | None = None, start_worker: bool = True,
-                   upload_schedule: tuple[float, ...] = (0.01, 0.02), port: int = 8188) -> Harness:
+                   upload_schedule: tuple[float, ...] = (0.01, 0.02), port: int = 8188,
+                   journal_thread: bool = False) -> Harness:
         environ = base_env(receiver if with_receiver else None, tmp_path)
         environ.update(env or {})
         settings = Settings.from_env(environ)
@@ -188,7 +202,8 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
         adapter = comfy.adapter()
         loop = asyncio.get_running_loop()
         courier = wiring.build_courier(settings, adapter, schedule=schedule, delivery_timeout=2.0,
-                                       jitter=0.0, upload_schedule=upload_schedule)
+                                       jitter=0.0, upload_schedule=upload_schedule,
+                                       journal_thread=journal_thread)
         wiring._runtime = wiring.Runtime(settings, adapter, courier, loop)
         add_routes(comfy.routes, lambda: courier, settings)
         client = TestClient(TestServer(comfy.make_app(), host="127.0.0.1"))
@@ -205,5 +220,5 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
         harness.comfy.stop()
         await harness.courier.stop()
         await harness.client.close()
-        harness.courier.db.close()
+        await harness.courier.db.aclose()
     wiring._runtime = None

@@ -37,7 +37,7 @@ async def test_receiver_down_then_back_across_a_restart(make_harness, tmp_path, 
     first.comfy.stop()
 
     # The process dies; the next one (same instance) resumes the outbox when events are due.
-    await first.courier.db(lambda j: j._db.execute("UPDATE outbox SET next_attempt_at = 0"))
+    first.journal_sql("UPDATE outbox SET next_attempt_at = 0")
     second = await make_harness(base=tmp_path / "comfy2")
     await receiver.wait_for(6)
     await second.settle()
@@ -169,7 +169,7 @@ async def test_a_journal_write_failing_once_is_retried_not_reported(make_harness
         return real_finish(self, job, event)
 
     monkeypatch.setattr(Journal, "finish", flaky_finish)
-    h = await make_harness()
+    h = await make_harness(journal_thread=True)
     await h.post(model_free(), "jf1")
     await receiver.wait_for(1)
     await h.settle()

@@ -54,7 +54,8 @@ def test_new_attempt_drops_undelivered_events_of_older_ones(journal):
 
 def test_admit_applies_the_duplicate_rule_in_its_transaction(journal):
     first = make_job(attempt=0)
-    assert journal.admit([first]) == [None] and first.attempt == 1
+    assert journal.admit([first]) == [1] and first.attempt == 0  # the caller's job: unchanged
+    first.attempt = 1
     # while the first attempt runs, the same request and another workflow are both blocked
     assert journal.admit([make_job(attempt=0, prompt_id="p2")])[0].prompt_id == "p1"
     other = make_job(attempt=0, prompt_id="p3")
@@ -64,7 +65,8 @@ def test_admit_applies_the_duplicate_rule_in_its_transaction(journal):
     first.state, first.error_type, first.finished_at = JobState.ERROR, ErrorType.EXECUTION, 3.0
     journal.finish(first, event())
     second = make_job(attempt=0, prompt_id="p4")
-    assert journal.admit([second]) == [None] and second.attempt == 2
+    assert journal.admit([second]) == [2]
+    second.attempt = 2
     assert journal.outbox_counts() == {"dropped": 1}
     # a success blocks for good
     second.state, second.finished_at = JobState.SUCCESS, 4.0
@@ -76,7 +78,7 @@ def test_admit_of_a_large_mixed_lot_matches_one_by_one(journal):
     # ids with an attempt that failed, that runs, that succeeded; new ids; one id twice
     for cid, state in (("err", JobState.ERROR), ("run", JobState.QUEUED), ("ok", JobState.SUCCESS)):
         job = make_job(cid, attempt=0, prompt_id=f"{cid}-1")
-        journal.admit([job])
+        [job.attempt] = journal.admit([job])
         if state.final:
             job.state, job.finished_at = state, 2.0
             job.error_type = ErrorType.EXECUTION if state is JobState.ERROR else None
@@ -85,8 +87,8 @@ def test_admit_of_a_large_mixed_lot_matches_one_by_one(journal):
     lot += [make_job(cid, attempt=0, prompt_id=f"{cid}-2") for cid in ("err", "run", "ok")]
     lot.append(make_job("new7", attempt=0, prompt_id="new7-2"))  # the lot's own first blocks it
     results = journal.admit(lot)
-    assert results[:230] == [None] * 230 and {job.attempt for job in lot[:230]} == {1}
-    assert results[230] is None and lot[230].attempt == 2  # after an error: the next attempt
+    assert results[:230] == [1] * 230
+    assert results[230] == 2  # after an error: the next attempt
     assert [r.prompt_id for r in results[231:]] == ["run-1", "ok-1", "new7-1"]
     assert journal.latest("new229").prompt_id == "new229-1"
     assert journal.by_prompt("new7-2") is None and journal.by_prompt("ok-2") is None
@@ -139,7 +141,8 @@ def test_adopting_a_silent_instance_moves_its_unfinished_work(journal):
 async def test_group_commit_writes_a_burst_in_few_transactions(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal_thread import GroupCommit, JournalThread
+    from comfy_courier.executor.journal_runner import GroupCommit
+    from comfy_courier.executor.journal_thread import JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
     batches: list[int] = []
@@ -151,7 +154,7 @@ async def test_group_commit_writes_a_burst_in_few_transactions(tmp_path):
     commit = GroupCommit(db, admit)
     jobs = [make_job(f"g{i}", attempt=0, prompt_id=f"pg{i}") for i in range(50)]
     results = await asyncio.gather(*(commit(job) for job in jobs))
-    assert results == [None] * 50 and {job.attempt for job in jobs} == {1}
+    assert results == [1] * 50
     assert sum(batches) == 50 and len(batches) < 50
     assert await db(Journal.count_unfinished) == 50
     db.close()
@@ -160,7 +163,8 @@ async def test_group_commit_writes_a_burst_in_few_transactions(tmp_path):
 async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal_thread import GroupCommit, JournalThread
+    from comfy_courier.executor.journal_runner import GroupCommit
+    from comfy_courier.executor.journal_thread import JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
 
@@ -176,7 +180,7 @@ async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
         return_exceptions=True,
     )
     kinds = [type(r).__name__ for r in results]
-    assert kinds == ["NoneType", "RuntimeError", "NoneType", "NoneType"]
+    assert kinds == ["int", "RuntimeError", "int", "int"]
     assert [job.content_request_id for job in await db(Journal.unfinished, "host:8188")] == [
         "a", "b", "c"]
     db.close()
@@ -185,14 +189,15 @@ async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
 async def test_group_commit_runs_then_even_when_the_caller_gave_up(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal_thread import GroupCommit, JournalThread
+    from comfy_courier.executor.journal_runner import GroupCommit
+    from comfy_courier.executor.journal_thread import JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
     commit = GroupCommit(db, Journal.admit)
     followed: list[str] = []
 
     def then(blocking):
-        followed.append("queued" if blocking is None else "blocked")
+        followed.append("blocked" if isinstance(blocking, Job) else "queued")
         return len(followed)
 
     assert await commit(make_job("t1", attempt=0, prompt_id="pt1"), then) == 1

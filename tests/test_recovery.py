@@ -44,8 +44,7 @@ async def test_undelivered_callback_resumes_after_restart(make_harness, tmp_path
     await first.courier.stop()
 
     # The next process finds the pending event; make it due now instead of in 60 s.
-    db = first.courier.db
-    await db(lambda j: j._db.execute("UPDATE outbox SET next_attempt_at = 0"))
+    first.journal_sql("UPDATE outbox SET next_attempt_at = 0")
     second = await make_harness(base=tmp_path / "comfy2")
     await second.receiver.wait_for(2)
     await second.settle()

@@ -1,0 +1,110 @@
+"""How async code calls the journal: the `JournalRunner` protocol, and group commit.
+
+Two runners implement it: `JournalProcess` (the default) and `JournalThread` (the fallback).
+Callers pass a `Journal` method and its arguments; arguments and results must pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar, overload
+
+from .journal import Journal
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+T = TypeVar("T")
+X = TypeVar("X")
+
+
+class JournalRunner(Protocol):
+    """Runs `Journal` methods off the event loop, one at a time, in the order submitted."""
+
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class GroupCommit(Generic[X, T]):
+    """Calls made while one batch is being written go out together in the next one.
+
+    `many` handles a list in one transaction. Under load this turns a commit per request
+    into a commit per burst (the journal's cost is mostly the commit); alone, a call
+    waits no longer than before. If a batch fails, its calls are retried one by one so
+    one bad item fails only its own caller.
+
+    A call's `then` runs on the loop as soon as its result is written, even if the caller
+    was cancelled meanwhile: what must follow a commit cannot be lost between the two.
+    """
+
+    def __init__(
+        self, db: JournalRunner, many: Callable[[Journal, list[X]], list[T]], max_batch: int = 256
+    ) -> None:
+        self._db = db
+        self._many = many
+        self._max_batch = max_batch
+        self._waiting: list[tuple[X, asyncio.Future[Any], Callable[[T], Any] | None]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    @overload
+    async def __call__(self, item: X) -> T: ...
+
+    @overload
+    async def __call__(self, item: X, then: Callable[[T], R]) -> R: ...
+
+    async def __call__(self, item: X, then: Callable[[T], Any] | None = None) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future, then))
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._max_batch]
+                del self._waiting[: self._max_batch]
+                try:
+                    results = await self._db(self._many, [item for item, _, _ in batch])
+                except Exception as e:
+                    if len(batch) == 1:
+                        _fail(batch[0][1], e)
+                        continue
+                    for item, future, then in batch:
+                        try:
+                            result = (await self._db(self._many, [item]))[0]
+                        except Exception as one:
+                            _fail(future, one)
+                            continue
+                        _settle(future, then, result)
+                    continue
+                for (_, future, then), result in zip(batch, results, strict=True):
+                    _settle(future, then, result)
+        finally:
+            self._writer = None
+
+
+def _settle(future: asyncio.Future[Any], then: Callable[[T], Any] | None, result: T) -> None:
+    try:
+        value = result if then is None else then(result)
+    except Exception as e:
+        if future.done():  # nobody is left to raise it to
+            log.error("[courier] follow-up of a journal write failed", exc_info=e)
+        _fail(future, e)
+        return
+    _resolve(future, value)
+
+
+def _resolve(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():  # else the caller gave up; the write stands
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[T], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
