@@ -128,34 +128,26 @@ def _send(sockets: dict[str, web.WebSocketResponse], sid: str, message: dict[str
 
 
 def instrument(comfy: StandinComfy) -> None:
-    """--instrument: time every journal call (wall time seen by the loop vs time spent in
-    SQLite on the journal thread) and Courier.submit; GET /bench/instrument reports and resets."""
+    """--instrument: time every journal call (wall time seen by the loop, pipe and child
+    included) and Courier.submit; GET /bench/instrument reports and resets."""
     import time
 
     from comfy_courier.executor.courier import Courier
-    from comfy_courier.executor.journal_thread import JournalThread
+    from comfy_courier.executor.journal_process import JournalProcess
 
     samples: dict[str, list[float]] = {}
 
     def note(name: str, seconds: float) -> None:
         samples.setdefault(name, []).append(seconds)
 
-    original_call = JournalThread.__call__
-    original_run = JournalThread._run
-
-    def _run(self: Any, fn: Any, args: Any, kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return original_run(self, fn, args, kwargs)
-        finally:
-            note(f"sql {fn.__name__}", time.perf_counter() - t0)
+    original_call = JournalProcess.__call__
 
     async def call(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return await original_call(self, fn, *args, **kwargs)
         finally:
-            note(f"hop {fn.__name__}", time.perf_counter() - t0)
+            note(f"journal {fn.__name__}", time.perf_counter() - t0)
 
     original_submit = Courier.submit
 
@@ -175,8 +167,7 @@ def instrument(comfy: StandinComfy) -> None:
         finally:
             note("adapter.queue_snapshot", time.perf_counter() - t0)
 
-    JournalThread._run = _run  # type: ignore[method-assign]
-    JournalThread.__call__ = call  # type: ignore[method-assign]
+    JournalProcess.__call__ = call  # type: ignore[method-assign]
     Courier.submit = submit  # type: ignore[method-assign]
     type(comfy.adapter()).queue_snapshot = queue_snapshot  # type: ignore[method-assign]
 

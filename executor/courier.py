@@ -49,7 +49,7 @@ HEARTBEAT_INTERVAL = 15.0
 STALE_AFTER = 90.0  # an instance silent this long has its work adopted by a live one
 
 
-@dataclass
+@dataclass(slots=True)
 class Run:
     """A job this process put on ComfyUI's queue and has not finished yet."""
 
@@ -581,8 +581,8 @@ class Courier:
             error_type=error_type,
             error_message=message,
             node_id=node_id,
-            outputs=ordered,
-            image_urls=[o.url for o in ordered if o.url],
+            outputs=tuple(ordered),
+            image_urls=tuple(o.url for o in ordered if o.url),
             finished_at=self.clock(),
         )
         event = None
@@ -874,6 +874,7 @@ class Courier:
                 "delivered_since_start": self.deliverer.sent if self.deliverer else 0,
             },
             "storage": self.storage.kind,
+            "journal": self.db.kind,
             "callback_configured": self.settings.callback_url is not None,
             "signed_callbacks": bool(self.settings.webhook_secrets),
             "config_problems": len(self.settings.problems),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -58,7 +58,7 @@ class Output:
         }
 
 
-@dataclass
+@dataclass(slots=True)  # no per-job __dict__: fewer objects per queued job for the GC to track
 class Job:
     content_request_id: str
     attempt: int
@@ -71,8 +71,8 @@ class Job:
     error_type: ErrorType | None = None
     error_message: str | None = None
     node_id: str | None = None
-    image_urls: list[str] = field(default_factory=list)
-    outputs: list[Output] = field(default_factory=list)
+    image_urls: tuple[str, ...] = ()  # tuples: a queued job holds no empty lists
+    outputs: tuple[Output, ...] = ()
     expected_images: int | None = None
     cancel_requested: bool = False
     created_at: float = 0.0

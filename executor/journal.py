@@ -507,7 +507,7 @@ class Journal:
             error_type=ErrorType(row["error_type"]) if row["error_type"] else None,
             error_message=row["error_message"],
             node_id=row["node_id"],
-            image_urls=json.loads(row["image_urls"]),
+            image_urls=tuple(json.loads(row["image_urls"])),
             expected_images=row["expected_images"],
             cancel_requested=bool(row["cancel_requested"]),
             created_at=row["created_at"],

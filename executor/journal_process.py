@@ -62,6 +62,10 @@ class JournalProcess:
         self._buffer = bytearray()
 
     @property
+    def kind(self) -> str:
+        return "process" if self.fallback is None else "thread"
+
+    @property
     def pid(self) -> int | None:
         """The child's process id while it runs."""
         return self._process.get_pid() if self._process is not None else None

@@ -23,6 +23,11 @@ X = TypeVar("X")
 class JournalRunner(Protocol):
     """Runs `Journal` methods off the event loop, one at a time, in the order submitted."""
 
+    @property
+    def kind(self) -> str:
+        """Where the journal runs: "process" or "thread" (shown by /courier/health)."""
+        ...
+
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]: ...
@@ -31,25 +36,33 @@ class JournalRunner(Protocol):
 
 
 class GroupCommit(Generic[X, T]):
-    """Calls made while one batch is being written go out together in the next one.
+    """Calls made while batches are being written go out together in the next one.
 
     `many` handles a list in one transaction. Under load this turns a commit per request
     into a commit per burst (the journal's cost is mostly the commit); alone, a call
-    waits no longer than before. If a batch fails, its calls are retried one by one so
-    one bad item fails only its own caller.
+    waits no longer than before. Up to `max_in_flight` batches are sent before the first
+    is answered, so the journal works on one while the loop reads the other's answer
+    (measured under 32 clients: +6 % req/s for 2 over 1). The journal runs them in order.
+    If a batch fails, its calls are retried one by one so one bad item fails only its
+    own caller.
 
     A call's `then` runs on the loop as soon as its result is written, even if the caller
     was cancelled meanwhile: what must follow a commit cannot be lost between the two.
     """
 
     def __init__(
-        self, db: JournalRunner, many: Callable[[Journal, list[X]], list[T]], max_batch: int = 256
+        self,
+        db: JournalRunner,
+        many: Callable[[Journal, list[X]], list[T]],
+        max_batch: int = 256,
+        max_in_flight: int = 2,
     ) -> None:
         self._db = db
         self._many = many
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._waiting: list[tuple[X, asyncio.Future[Any], Callable[[T], Any] | None]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers = 0
 
     @overload
     async def __call__(self, item: X) -> T: ...
@@ -60,8 +73,9 @@ class GroupCommit(Generic[X, T]):
     async def __call__(self, item: X, then: Callable[[T], Any] | None = None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future, then))
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write())
+        if self._writers < self._max_in_flight:
+            self._writers += 1
+            asyncio.ensure_future(self._write())
         return await future
 
     async def _write(self) -> None:
@@ -86,7 +100,7 @@ class GroupCommit(Generic[X, T]):
                 for (_, future, then), result in zip(batch, results, strict=True):
                     _settle(future, then, result)
         finally:
-            self._writer = None
+            self._writers -= 1
 
 
 def _settle(future: asyncio.Future[Any], then: Callable[[T], Any] | None, result: T) -> None:

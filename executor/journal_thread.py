@@ -25,6 +25,8 @@ class JournalThread:
     writes. Call as `await db(Journal.method, *args)`.
     """
 
+    kind = "thread"
+
     def __init__(self, opener: Callable[[], Journal]) -> None:
         self._opener = opener
         self._journal: Journal | None = None

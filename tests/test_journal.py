@@ -229,3 +229,36 @@ def test_temp_data_stays_in_memory(journal):
     # on disk, every admission batch created and unlinked a temp file (statement journal)
     assert journal._db.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
     assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_group_commit_keeps_two_batches_in_flight_and_answers_in_order():
+    import asyncio
+
+    from comfy_courier.executor.journal_runner import GroupCommit
+
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[list[int], asyncio.Future[list[int]]]] = []
+
+    async def journal(many, items):  # a runner whose answers the test releases
+        answer = loop.create_future()
+        sent.append((items, answer))
+        return await answer
+
+    commit = GroupCommit(journal, lambda _, items: items)
+    followed: list[int] = []
+    calls = [asyncio.ensure_future(commit(1, followed.append))]
+    await asyncio.sleep(0)
+    calls += [asyncio.ensure_future(commit(n, followed.append)) for n in (2, 3)]
+    await asyncio.sleep(0)
+    calls.append(asyncio.ensure_future(commit(4, followed.append)))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [items for items, _ in sent] == [[1], [2, 3]]  # the third batch waits its turn
+    sent[0][1].set_result([1])
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [items for items, _ in sent] == [[1], [2, 3], [4]]
+    sent[1][1].set_result([2, 3])
+    sent[2][1].set_result([4])
+    await asyncio.gather(*calls)
+    assert followed == [1, 2, 3, 4]

@@ -153,6 +153,23 @@ async def final_state(client: httpx.AsyncClient, comfy: RealComfy, cid: str,
     raise AssertionError(f"{cid} not final: {body}")
 
 
+def journal_processes(tmp_path: Path) -> list[int]:
+    """Live journal child processes whose command line names a file under `tmp_path`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            continue  # a zombie has exited
+        if any(b"journal_child.py" in a for a in cmdline) and any(
+                str(tmp_path).encode() in a for a in cmdline):
+            found.append(int(entry.name))
+    return found
+
+
 async def test_model_free_workflow_end_to_end(real_comfy, receiver):
     async with httpx.AsyncClient(timeout=30) as client:
         resp = await real_comfy.post(client, load("model-free.json"), "real-model-free")
@@ -172,6 +189,9 @@ async def test_model_free_workflow_end_to_end(real_comfy, receiver):
         for secret in (API_KEY, CALLBACK_KEY):
             assert secret not in history and secret not in queue
         assert '"client_id": "comfy-courier"' in history or "comfy-courier" in history
+        # the journal runs in its child process under ComfyUI's name for our package
+        health = (await client.get(f"{real_comfy.url}/courier/health")).json()
+        assert health["journal"] == "process", health
 
 
 async def test_txt2img_end_to_end(real_comfy, receiver):
@@ -234,6 +254,10 @@ async def test_sigkill_while_running_then_restart_loses_nothing(tmp_path, receiv
     finally:
         stop(comfy, signal.SIGKILL)
     assert receiver.requests == []
+    deadline = time.monotonic() + 10  # the journal process ends with its parent
+    while journal_processes(tmp_path) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert journal_processes(tmp_path) == []
 
     (tmp_path / "nodes" / "custom_nodes" / "comfy_courier").unlink()
     restarted = start_comfy(tmp_path, receiver.url, port, {})  # same port: same instance

@@ -230,7 +230,7 @@ async def test_health_has_no_secrets(make_harness):
     resp = await h.client.get("/courier/health")
     assert resp.status == 200
     body = await resp.json()
-    assert body["ok"] is True and body["storage"] == "local"
+    assert body["ok"] is True and body["storage"] == "local" and body["journal"] == "process"
     text = json.dumps(body)
     for secret in h.settings.secrets:
         assert secret not in text
