@@ -4,7 +4,8 @@ A diagnostic beside bench_intake.py (no target of its own). Phases alternate /pr
 /execute-workflow (P C C P ...), 32 keep-alive clients, ComfyUI's worker held by a sleeping
 job, as bench_intake's busy-worker mode. For each phase it reads every server thread's CPU
 time and context switches from /proc (Linux) before and after, and prints them per
-request. Req/s swing by 10-20 % from phase to phase on a small VM; CPU per request of the
+request, and the CPU of the server's child processes (the journal process). Req/s swing
+by 10-20 % from phase to phase on a small VM; CPU per request of the
 loop thread moves far less, so it shows what a change to intake saved. The loop thread's
 CPU per request against the phase's wall time per request also shows how long the loop
 waited (for the GIL, or for a core) instead of working.
@@ -53,6 +54,21 @@ def thread_stats(pid: int) -> dict[str, tuple[float, int]]:
     return out
 
 
+def children_cpu(pid: int) -> float:
+    """CPU seconds of the processes whose parent is `pid` (the journal process)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
 def client_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -90,8 +106,10 @@ def main() -> int:
             for kind in order:
                 server.block_worker(duration + 3)
                 before, c0 = thread_stats(server.pid), client_cpu()
+                k0 = children_cpu(server.pid)
                 result = asyncio.run(load_phase(server.url, kind, wf, args.clients, duration))
                 after, c1 = thread_stats(server.pid), client_cpu()
+                k1 = children_cpu(server.pid)
                 server.clear_queue()
                 server.drain()
                 n = max(result["ok"], 1)
@@ -109,13 +127,15 @@ def main() -> int:
                     "loop_switches": loop_cs / n,
                     "other_threads_us": other_cpu * 1e6 / n,
                     "busiest_other_switches": busiest[1][1] / n if busiest else 0.0,
+                    "children_us": (k1 - k0) * 1e6 / n,
                     "client_us": (c1 - c0) * 1e6 / n,
                 }
                 rows[kind].append(row)
                 print(
                     f"   {kind:8s} {row['rps']:7.0f} req/s  loop {row['loop_us']:6.1f} µs/req "
                     f"({row['loop_switches']:.2f} switches)  other threads "
-                    f"{row['other_threads_us']:5.1f} µs/req  client {row['client_us']:5.1f} µs/req",
+                    f"{row['other_threads_us']:5.1f} µs/req  journal process "
+                    f"{row['children_us']:5.1f} µs/req  client {row['client_us']:5.1f} µs/req",
                     flush=True,
                 )
         finally:
@@ -143,6 +163,7 @@ def main() -> int:
                     ("loop_us", "server loop thread CPU (µs)"),
                     ("loop_switches", "loop thread context switches"),
                     ("other_threads_us", "other server threads CPU (µs)"),
+                    ("children_us", "journal process CPU (µs)"),
                     ("client_us", "load generator CPU (µs)"),
                 )
             ],

@@ -34,6 +34,7 @@ from .journal_thread import JournalThread, Opener
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+CLOSE_TIMEOUT = 10.0  # seconds the child gets to finish its calls and exit
 _Call = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
@@ -187,7 +188,12 @@ class JournalProcess:
         if process is None or stdin is None:
             return
         stdin.close()  # EOF: the child answers what it has read, then exits
+        deadline = asyncio.get_running_loop().time() + CLOSE_TIMEOUT
         while process.get_returncode() is None:
+            if asyncio.get_running_loop().time() > deadline:
+                log.error("[courier] the journal process did not exit; killing it")
+                process.kill()
+                deadline = float("inf")
             await asyncio.sleep(0.01)
 
 
