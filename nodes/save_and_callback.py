@@ -3,12 +3,19 @@
 The node runs on ComfyUI's worker thread, which must never wait on the network: it
 encodes, writes the files (the UI preview and crash recovery need them on disk), passes
 the bytes to the server loop without waiting, and returns its UI dict.
+
+A job's files go to a folder of their own, `<prefix folder>/<content_request_id>/`:
+ComfyUI numbers a saved file by listing its whole folder, so with one shared folder every
+save got slower as the folder grew (measured with ComfyUI 0.33's `get_save_image_path`:
+27 ms of the worker's time, holding the GIL, at 20,000 files; 0.03 ms in a folder of its
+own).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +23,18 @@ from ..executor.images import FORMATS, encode, to_uint8_batch
 from ..wiring import current_runtime
 
 log = logging.getLogger(__name__)
+
+# Folder names Windows refuses, whatever the extension; a job id may be one of them.
+_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{n}" for p in ("COM", "LPT") for n in range(1, 10)}
+
+
+def job_prefix(filename_prefix: str, content_request_id: str) -> str:
+    """`filename_prefix` with the job's own folder before its file name part."""
+    folder = content_request_id
+    if folder.upper() in _RESERVED:
+        folder += "_"
+    head, name = os.path.split(os.path.normpath(filename_prefix))
+    return os.path.join(head, folder, name)
 
 
 class SaveAndCallback:
@@ -96,7 +115,10 @@ class SaveAndCallback:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}")
         frames = to_uint8_batch(images)
         height, width = frames[0].shape[:2]
-        folder, filename, counter, subfolder, _ = adapter.save_path(filename_prefix, width, height)
+        prefix = filename_prefix
+        if content_request_id:  # a job sent to /execute-workflow
+            prefix = job_prefix(filename_prefix, content_request_id)
+        folder, filename, counter, subfolder, _ = adapter.save_path(prefix, width, height)
         context = adapter.executing()
         prompt_id, node_id = context if context else ("", "")
         text = self._metadata(runtime, prompt_id)

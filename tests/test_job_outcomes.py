@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import httpx
@@ -277,3 +278,22 @@ async def test_without_callback_url_jobs_still_run_for_polling(make_harness):
     final = await h.wait_final("poll1")
     assert final["state"] == "success" and final["image_url"]
     assert final["callback"]["state"] == "none"
+
+
+async def test_each_job_saves_into_a_folder_of_its_own(make_harness):
+    # ComfyUI lists a save folder to number each file: one shared folder grows without end
+    h = await make_harness()
+    await h.post(model_free("shots/social"), "own-folder")
+    assert (await h.wait_final("own-folder"))["state"] == "success"
+    output = Path(h.comfy.folder_paths.get_output_directory())
+    saved = [p.name for p in (output / "shots" / "own-folder").iterdir()]
+    assert saved == ["social_00001_.jpg"]
+
+
+def test_job_prefix_puts_the_id_folder_before_the_file_name():
+    from comfy_courier.nodes.save_and_callback import job_prefix
+
+    assert job_prefix("social", "abc") == os.path.join("abc", "social")
+    assert job_prefix("a/b/social", "abc") == os.path.join("a", "b", "abc", "social")
+    assert job_prefix("social", "nul") == os.path.join("nul_", "social")  # Windows: no NUL/
+    assert job_prefix("social", "COM1") == os.path.join("COM1_", "social")
