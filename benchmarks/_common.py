@@ -237,6 +237,21 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def http_json(
     url: str,
     method: str = "GET",
@@ -342,7 +357,16 @@ class Server:
         return self.process.pid
 
     def rss(self) -> dict[str, int]:
-        return rss_kib(self.pid)
+        """VmRSS and VmHWM of the server with its child processes (the journal process)."""
+        total = rss_kib(self.pid)
+        for pid in child_pids(self.pid):
+            try:
+                child = rss_kib(pid)
+            except OSError:  # ended meanwhile
+                continue
+            for key, kib in child.items():
+                total[key] = total.get(key, 0) + kib
+        return total
 
     def stop(self) -> None:
         _stop_process(self.process)

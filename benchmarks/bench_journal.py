@@ -11,9 +11,9 @@ started one after the other (start-up time of each is reported), then measured s
 POST /execute-workflow one request at a time alternating A and B in random order, each
 followed by GET /execute-workflow/{id} of an existing job (one of the 100k old ones on B, the
 job just posted on A); then GET /courier/health on its own. RSS (VmRSS, /proc) of both
-server processes at ready and after the requests. Verdicts: intake p50 B/A <= 1.05 (no
-slowdown beyond noise); RSS B - A <= 8 MiB (SQLite's default page cache is 2 MiB; the rest
-is allocator noise between two processes).
+servers, each with its journal process, at ready and after the requests. Verdicts: intake
+p50 B/A <= 1.05 (no slowdown beyond noise); RSS B - A <= 8 MiB (SQLite's default page
+cache is 2 MiB; the rest is allocator noise between two processes).
 
     python benchmarks/bench_journal.py [--quick] [--standin] [--rows 100000]
 """
@@ -100,8 +100,8 @@ def fill(path: Path, rows: int, instance: str) -> dict[str, float]:
         )
         journal.record_image(job, 1, stored)
         job.state = JobState.SUCCESS
-        job.outputs = [stored]
-        job.image_urls = [stored.url or ""]
+        job.outputs = (stored,)
+        job.image_urls = (stored.url or "",)
         job.started_at, job.executed_at, job.finished_at = now + 0.01, now + 1.0, now + 1.3
         body = json.dumps(callback_body(job), separators=(",", ":")).encode()
         event = OutboxEvent(f"msg_{uuid.uuid4().hex}", cid, 1, body, 0, job.finished_at)
@@ -285,6 +285,7 @@ def main() -> int:
             "rss_delta_mib": rss_delta,
             "health_ratio": health_ratio,
             "p50_ms": {k: {m: p50(v) * 1000 for m, v in res[k].items()} for k in res},
+            "samples_ms": {k: {m: [x * 1000 for x in v] for m, v in res[k].items()} for k in res},
         },
     )
     return 0

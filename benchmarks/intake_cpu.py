@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     TempDir,
     base_parser,
+    child_pids,
     comfy_dir_of,
     print_header,
     start_peers,
@@ -57,15 +58,12 @@ def thread_stats(pid: int) -> dict[str, tuple[float, int]]:
 def children_cpu(pid: int) -> float:
     """CPU seconds of the processes whose parent is `pid` (the journal process)."""
     total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in child_pids(pid):
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
             continue
-        if int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / TICKS
+        total += (int(fields[11]) + int(fields[12])) / TICKS
     return total
 
 

@@ -155,7 +155,7 @@ async def run(jobs: int, fail: float, slow: float, drop: float, seed: int) -> di
     await courier.stop()
     await client.close()
     await recv_server.close()
-    courier.db.close()
+    await courier.db.aclose()
     return result
 
 
