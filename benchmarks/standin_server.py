@@ -233,7 +233,7 @@ async def main(args: argparse.Namespace) -> None:
         profiler.dump_stats(args.profile)
     comfy.stop()
     await courier.stop()
-    courier.db.close()
+    await courier.db.aclose()
     await runner.cleanup()
 
 
