@@ -95,6 +95,7 @@ class Courier:
         self._admit = GroupCommit(db, Journal.admit)
         self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
         self._id_locks = KeyedLock()  # concurrent requests for one id never both run
+        self._recovering = asyncio.Lock()  # one recovery at a time: none queues a job twice
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -750,14 +751,19 @@ class Courier:
             self._spawn(self.recover())
 
     async def recover(self) -> None:
-        """Finish or resubmit what a previous process of this instance left unfinished."""
-        for job in await self.db(Journal.unfinished, self.instance):
-            if job.prompt_id in self._runs:
-                continue  # this process runs it
-            try:
-                await self._recover(job)
-            except Exception:
-                log.exception("[courier] could not recover id=%s", job.content_request_id)
+        """Finish or resubmit what a previous process of this instance left unfinished.
+
+        Start-up, the heartbeat's adoption and a lost journal process each call this; one
+        at a time, since a job being resubmitted is not in `_runs` under its old prompt_id.
+        """
+        async with self._recovering:
+            for job in await self.db(Journal.unfinished, self.instance):
+                if job.prompt_id in self._runs:
+                    continue  # this process runs it
+                try:
+                    await self._recover(job)
+                except Exception:
+                    log.exception("[courier] could not recover id=%s", job.content_request_id)
 
     async def _recover(self, job: Job) -> None:
         workflow = json.loads(job.workflow)

@@ -172,3 +172,17 @@ async def test_a_job_committed_by_a_journal_process_that_died_still_runs(make_ha
     await receiver.wait_for(1)
     await h.settle()
     assert [b["status"] for b in receiver.bodies("jl1")] == ["success"]
+
+
+async def test_recoveries_that_overlap_queue_an_orphan_once(make_harness):
+    # a lost journal process and the heartbeat's adoption can both start a recovery
+    h = await make_harness(start_worker=False)
+    body = json.dumps({"workflow_json": model_free(), "content_request_id": "twice"}).encode()
+    request = parse_request(body)
+    journal = Journal(h.settings.db_path)
+    journal.insert(Job(content_request_id="twice", attempt=1, prompt_id=str(uuid7()),
+                       instance=h.courier.instance, workflow=request.canonical,
+                       fingerprint=request.fingerprint, created_at=time.time()))
+    journal.close()
+    await asyncio.gather(h.courier.recover(), h.courier.recover())
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 1
