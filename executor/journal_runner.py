@@ -62,7 +62,7 @@ class GroupCommit(Generic[X, T]):
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._waiting: list[tuple[X, asyncio.Future[Any], Callable[[T], Any] | None]] = []
-        self._writers = 0
+        self._writers: set[asyncio.Task[Any]] = set()  # held: the loop keeps weak refs
 
     @overload
     async def __call__(self, item: X) -> T: ...
@@ -73,9 +73,8 @@ class GroupCommit(Generic[X, T]):
     async def __call__(self, item: X, then: Callable[[T], Any] | None = None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future, then))
-        if self._writers < self._max_in_flight:
-            self._writers += 1
-            asyncio.ensure_future(self._write())
+        if len(self._writers) < self._max_in_flight:
+            self._writers.add(asyncio.ensure_future(self._write()))
         return await future
 
     async def _write(self) -> None:
@@ -100,7 +99,11 @@ class GroupCommit(Generic[X, T]):
                 for (_, future, then), result in zip(batch, results, strict=True):
                     _settle(future, then, result)
         finally:
-            self._writers -= 1
+            # here, not in a done callback: a call arriving between this writer's last
+            # check of _waiting and a callback's run would find no writer to take it
+            writer = asyncio.current_task()
+            assert writer is not None
+            self._writers.discard(writer)
 
 
 def _settle(future: asyncio.Future[Any], then: Callable[[T], Any] | None, result: T) -> None:
