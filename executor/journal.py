@@ -4,7 +4,9 @@ Every change of state is one transaction, committed before anyone is told about 
 job's final state and its outbox event are written in the same transaction, which is
 what makes "exactly one final callback per attempt" hold across crashes.
 
-The methods are synchronous and must be called from one thread (see `journal_thread.py`).
+The methods are synchronous and called one at a time: in the journal process
+(`journal_process.py`), or on one thread where no child process can start
+(`journal_thread.py`).
 WAL mode needs a local filesystem: a journal on NFS/SMB can corrupt.
 """
 
@@ -175,9 +177,9 @@ class Journal:
         are not changed: they may be copies, in the journal process). One transaction for
         the lot: a burst of requests costs one commit, and processes sharing the journal
         never both accept an attempt. The lot is read and written with a statement per
-        chunk, not per job: that halves the journal thread's CPU for a burst of 16 (8 µs a
-        job instead of 17), time it would otherwise take from the server loop (the GIL,
-        and the cores).
+        chunk, not per job: that halved the journal's CPU for a burst of 16 (8 µs a job
+        instead of 17, measured on a thread, where it competed with the server loop for
+        the GIL; in the journal process it competes for the cores).
         """
         with self._tx() as db:
             latest = self._latest_of(list({job.content_request_id for job in jobs}))
