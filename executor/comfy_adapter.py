@@ -209,6 +209,10 @@ class ComfyAdapter:
 
     # -- the queue ----------------------------------------------------------------------
 
+    def queue_length(self) -> int:
+        with self.queue.mutex:
+            return len(self.queue.currently_running) + len(self.queue.queue)
+
     def queue_snapshot(self) -> QueueSnapshot:
         # Read ids under the queue's own lock; get_current_queue() would deep-copy every
         # pending prompt, which costs milliseconds on a long queue.

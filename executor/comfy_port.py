@@ -72,6 +72,9 @@ class ComfyPort(Protocol):
     ) -> int:
         """Queue the prompt; returns its queue position at that moment."""
 
+    def queue_length(self) -> int:
+        """Prompts running or pending now."""
+
     def queue_snapshot(self) -> QueueSnapshot: ...
 
     def remove_pending(self, prompt_id: str) -> bool: ...

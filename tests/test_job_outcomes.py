@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
 import httpx
 import pytest
-from standardwebhooks import Webhook
-
+from comfy_courier.executor.courier import Courier
 from conftest import API_KEY, SERVICE_KEY, WEBHOOK_SECRET, model_free
+from standardwebhooks import Webhook
 from standin.comfy import image_metadata
 
 CONTRACT_KEYS = ["content_request_id", "status", "image_url", "error_message"]
@@ -162,6 +163,55 @@ async def test_cancel_running_job_interrupts_it(make_harness):
     assert resp.status == 202
     [cb] = await final_callbacks(h, "cr1")
     assert cb["status"] == "error" and cb["error_type"] == "cancelled"
+
+
+async def submit_directly(h, cid: str) -> dict:
+    """Courier.submit without HTTP: the caller resumes before the job is put on the queue."""
+    from comfy_courier.executor.intake import parse_request
+
+    raw = json.dumps({"workflow_json": model_free(), "content_request_id": cid}).encode()
+    status, body = await h.courier.submit(parse_request(raw))
+    assert status == 202
+    return body
+
+
+async def test_cancel_between_answer_and_queue_never_runs_the_job(make_harness):
+    h = await make_harness(start_worker=False)
+    held = []
+    h.courier._put_accepted = lambda *args: held.append(args)  # the put, one pass after the 202
+    body = await submit_directly(h, "cu1")
+    assert body["queue_position"] == 0
+    assert (await h.courier.status("cu1"))["queue_position"] == 0
+    cancelled = await h.courier.cancel("cu1")
+    assert cancelled["state"] == "error" and "before it ran" in cancelled["error_message"]
+    [args] = held
+    Courier._put_accepted(h.courier, *args)  # the deferred put, now too late
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 0
+    [cb] = await final_callbacks(h, "cu1")
+    assert cb["error_type"] == "cancelled"
+
+
+async def test_queue_watch_does_not_take_an_answered_job_for_a_removed_one(make_harness):
+    h = await make_harness()
+    await submit_directly(h, "uw1")
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 0  # answered, not queued yet
+    await h.courier.watch_once()
+    [cb] = await final_callbacks(h, "uw1")
+    assert cb["status"] == "success"
+
+
+async def test_comfyui_refusing_an_answered_job_ends_it_in_one_error_callback(make_harness):
+    h = await make_harness(start_worker=False)
+
+    def refuse(item):
+        raise RuntimeError("ComfyUI is shutting down")
+
+    h.comfy.prompt_queue.put = refuse
+    status, body = await h.post(model_free(), "rf1")
+    assert status == 202
+    [cb] = await final_callbacks(h, "rf1")
+    assert cb["error_type"] == "lost" and "shutting down" in cb["error_message"]
+    assert (await h.status("rf1"))["state"] == "error"
 
 
 async def test_interrupt_from_the_ui_is_reported(make_harness):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 
 import pytest
-
 from conftest import API_KEY, model_free
 
 
@@ -106,7 +107,8 @@ async def test_validation_failure_passes_node_errors_through_and_sends_nothing(m
     assert body["error"]["type"] == "prompt_outputs_failed_validation"
     assert body["node_errors"]["2"]["errors"][0]["type"] == "required_input_missing"
     assert h.comfy.prompt_queue.get_tasks_remaining() == 0
-    assert (await h.client.get("/execute-workflow/v1", headers={"X-API-Key": API_KEY})).status == 404
+    resp = await h.client.get("/execute-workflow/v1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 404
     await h.settle()
     assert h.receiver.requests == []
 
@@ -260,3 +262,31 @@ async def test_a_request_cancelled_while_its_row_commits_still_queues_the_job(ma
     status, body = await h.post(model_free(), "gone1")  # the client's retry: a replay
     assert status == 200 and body["state"] == "queued" and body["attempt"] == 1
     assert h.comfy.prompt_queue.get_tasks_remaining() == 1
+
+
+async def test_the_202_is_written_before_the_job_wakes_comfyuis_worker(make_harness):
+    # A put wakes ComfyUI's idle worker, which then holds the GIL for milliseconds: the
+    # answer must already be on the wire (the client's socket readable) when it happens.
+    h = await make_harness(start_worker=False)
+    sock = socket.create_connection(("127.0.0.1", h.client.server.port))
+    readable_at_put = []
+    put = h.comfy.prompt_queue.put
+
+    def watched_put(item):
+        readable_at_put.append(bool(select.select([sock], [], [], 0)[0]))
+        return put(item)
+
+    h.comfy.prompt_queue.put = watched_put
+    body = json.dumps({"workflow_json": model_free(), "content_request_id": "w202"}).encode()
+    sock.sendall(
+        b"POST /execute-workflow HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        + f"X-API-Key: {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        while not readable_at_put:
+            assert asyncio.get_running_loop().time() < deadline, "the job was never queued"
+            await asyncio.sleep(0.001)
+        assert readable_at_put == [True]
+        assert sock.recv(65536).startswith(b"HTTP/1.1 202 ")
+    finally:
+        sock.close()
