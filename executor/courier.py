@@ -349,10 +349,21 @@ class Courier:
 
     # -- from ComfyUI's worker thread ---------------------------------------------------
 
+    def from_worker(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Hand `callback(*args)` from ComfyUI's worker thread to the loop.
+
+        While ComfyUI exits the worker may finish a prompt after the loop has closed. The
+        job is then left to the journal: the next start recovers it.
+        """
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed
+            log.debug("[courier] loop closed; %s dropped", getattr(callback, "__name__", callback))
+
     def _start_from_worker(self, prompt_id: str) -> None:
         """Called on the worker thread as it takes a prompt: the job's execution starts."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._on_start, prompt_id, self.clock())
+        self.from_worker(self._on_start, prompt_id, self.clock())
 
     def _on_start(self, prompt_id: str, started_at: float) -> None:
         run = self._runs.get(prompt_id)
@@ -362,8 +373,7 @@ class Courier:
     def _progress_from_worker(self, prompt_id: str, fraction: float) -> None:
         """Called on the worker thread by ComfyUI's progress bars."""
         if prompt_id in self._runs:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._on_progress, prompt_id, fraction)
+            self.from_worker(self._on_progress, prompt_id, fraction)
 
     def _on_progress(self, prompt_id: str, fraction: float) -> None:
         run = self._runs.get(prompt_id)
@@ -376,8 +386,7 @@ class Courier:
     def _completion_from_worker(self, completion: Completion) -> None:
         """Called on the worker thread just before ComfyUI's task_done: never block here."""
         self._done_seen.add(completion.prompt_id)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._on_completion, completion)
+        self.from_worker(self._on_completion, completion)
 
     def images_saved(
         self,
@@ -386,7 +395,7 @@ class Courier:
         content_request_id: str,
         images: list[tuple[EncodedImage, Path]],
     ) -> None:
-        """The node saved images (runs on the loop; the node reached it via call_soon_threadsafe).
+        """The node saved images (runs on the loop; the node reached it via from_worker).
 
         Registering synchronously keeps the order with the completion that follows.
         """

@@ -138,9 +138,7 @@ class SaveAndCallback:
 
         courier = runtime.courier
         if courier is not None and prompt_id:
-            runtime.loop.call_soon_threadsafe(
-                courier.images_saved, prompt_id, node_id, content_request_id, saved
-            )
+            courier.from_worker(courier.images_saved, prompt_id, node_id, content_request_id, saved)
         return {"ui": {"images": ui_images}}
 
     @staticmethod

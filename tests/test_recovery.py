@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from comfy_courier.executor.comfy_port import Completion
 from conftest import model_free
 
 
@@ -60,3 +63,18 @@ async def test_another_instance_jobs_are_left_alone(make_harness, tmp_path):
     # a sibling ComfyUI on another port shares the journal: it must not touch this job
     sibling = await make_harness(base=tmp_path / "comfy2", port=8189)
     assert (await sibling.status("other1"))["state"] == "queued"
+
+
+async def test_a_prompt_ending_after_the_loop_closed_is_left_to_the_journal(make_harness):
+    # ComfyUI exiting: the worker may end a prompt after the server's loop has closed.
+    h = await make_harness(start_worker=False)
+    _, accepted = await h.post(model_free(), "late1")
+    loop, closed = h.courier._loop, asyncio.new_event_loop()
+    closed.close()
+    h.courier._loop = closed
+    try:
+        h.courier._completion_from_worker(Completion(accepted["prompt_id"], "success"))
+        h.courier._start_from_worker(accepted["prompt_id"])
+    finally:
+        h.courier._loop = loop
+    assert (await h.status("late1"))["state"] == "queued"  # the next start recovers it
