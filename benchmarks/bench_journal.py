@@ -13,7 +13,9 @@ followed by GET /execute-workflow/{id} of an existing job (one of the 100k old o
 job just posted on A); then GET /courier/health on its own. RSS (VmRSS, /proc) of both
 servers, each with its journal process, at ready and after the requests. Verdicts: intake
 p50 B/A <= 1.05 (no slowdown beyond noise); RSS B - A <= 8 MiB (SQLite's default page
-cache is 2 MiB; the rest is allocator noise between two processes).
+cache is 2 MiB; the rest is allocator noise between two processes). Afterwards B's journal
+is pruned to empty in the courier's batches (COURIER_RETENTION_DAYS), timing each batch:
+intake waits behind at most one.
 
     python benchmarks/bench_journal.py [--quick] [--standin] [--rows 100000]
 """
@@ -111,6 +113,32 @@ def fill(path: Path, rows: int, instance: str) -> dict[str, float]:
     journal.close()
     size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
     return {"seconds": seconds, "jobs_per_s": rows / seconds if seconds else 0.0, "bytes": size}
+
+
+def prune_all(path: Path) -> dict[str, Any]:
+    """Forget every job, in the batches the courier uses: how long each holds the journal."""
+    use_repo_package()
+    from comfy_courier.executor.courier import PRUNE_BATCH
+    from comfy_courier.executor.journal import Journal
+
+    journal = Journal(path)
+    batches: list[float] = []
+    t0 = time.perf_counter()
+    while True:
+        t1 = time.perf_counter()
+        pruned = journal.prune(time.time(), PRUNE_BATCH)
+        batches.append(time.perf_counter() - t1)
+        if pruned < PRUNE_BATCH:
+            break
+    seconds = time.perf_counter() - t0
+    left = journal._db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    journal.close()
+    return {
+        "batch": PRUNE_BATCH,
+        "batches_ms": [b * 1000 for b in batches],
+        "seconds": seconds,
+        "left": left,
+    }
 
 
 def workflow_for_fill() -> dict[str, Any]:
@@ -224,6 +252,7 @@ def main() -> int:
             for s in servers.values():
                 s.stop()
             peers.stop()
+        pruned = prune_all(dbs["B"])
     a, b = res["A"], res["B"]
     label = {"A": "A: empty journal", "B": f"B: {rows:,} finished jobs"}
     print(
@@ -270,10 +299,18 @@ def main() -> int:
         f"RESULT journal RSS delta        {rss_delta:+.1f} MiB (target <= 8 MiB)  "
         f"{verdict(rss_delta <= 8)}"
     )
+    batch_ms = pruned["batches_ms"]
+    print(
+        f"   pruning B afterwards (the journal alone): {rows - pruned['left']:,} jobs in "
+        f"{len(batch_ms)} batches of {pruned['batch']} in {pruned['seconds']:.1f} s; a batch "
+        f"holds the journal p50 {p50(batch_ms):.1f} ms, p99 {pct(batch_ms, 99):.1f} ms, "
+        f"max {max(batch_ms):.1f} ms"
+    )
     write_json(
         args,
         {
             "facts": facts,
+            "prune": pruned,
             "rows": rows,
             "fill": filled,
             "requests": n,

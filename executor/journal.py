@@ -25,7 +25,9 @@ from .jobs import CallbackSummary, ErrorType, Job, JobState, Output
 # 9 values a job row: 900 stays under the 999 bound values of SQLite builds before 3.32
 _ROWS_PER_STATEMENT = 100
 
-SCHEMA_VERSION = 2  # 2: outbox_dead index; each version's statements are idempotent
+# 2: outbox_dead index; 3: jobs_finished index (retention). Each version's statements are
+# idempotent, so one pass over _SCHEMA migrates any older journal.
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -51,6 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (instance, state)
     WHERE state NOT IN ('success', 'error');
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at)
+    WHERE state IN ('success', 'error');
 CREATE TABLE IF NOT EXISTS images (
     content_request_id TEXT NOT NULL,
     attempt INTEGER NOT NULL,
@@ -331,6 +335,30 @@ class Journal:
                     ),
                 )
         return True
+
+    def prune(self, finished_before: float, limit: int) -> int:
+        """Forget up to `limit` final attempts that finished before `finished_before`.
+
+        An attempt goes with its images and callback event, unless that event is still
+        being delivered. Oldest first, from the jobs_finished index: a batch costs the same
+        however large the journal is, and holds the journal only for its own rows.
+        """
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT content_request_id, attempt FROM jobs"
+                " WHERE state IN ('success', 'error') AND finished_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o"
+                "  WHERE o.content_request_id = jobs.content_request_id"
+                "  AND o.attempt = jobs.attempt AND o.state = 'pending')"
+                " ORDER BY finished_at LIMIT ?",
+                (finished_before, limit),
+            ).fetchall()
+            keys = [(r["content_request_id"], r["attempt"]) for r in rows]
+            for table in ("images", "outbox", "jobs"):
+                db.executemany(
+                    f"DELETE FROM {table} WHERE content_request_id = ? AND attempt = ?", keys
+                )
+        return len(keys)
 
     # -- images -------------------------------------------------------------------------
 

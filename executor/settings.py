@@ -47,6 +47,7 @@ class Settings:
     job_timeout: float = 1800.0
     max_body_bytes: int = 10 * 1024 * 1024
     retry_horizon: float = 86400.0
+    retention_days: float = 30.0  # 0: keep finished jobs forever
     max_attempts: int = 2
     progress_interval: float = 1.0
     keep_metadata: bool = False
@@ -166,6 +167,7 @@ class Settings:
             job_timeout=number("COURIER_JOB_TIMEOUT", 1800, 1),
             max_body_bytes=int(number("COURIER_MAX_BODY_MB", 10, 0.001) * 1024 * 1024),
             retry_horizon=number("COURIER_RETRY_HORIZON", 86400, 0),
+            retention_days=number("COURIER_RETENTION_DAYS", 30, 0),
             max_attempts=int(number("COURIER_MAX_ATTEMPTS", 2, 1, integer=True)),
             progress_interval=number("COURIER_PROGRESS_INTERVAL", 1, 0),
             keep_metadata=keep_raw in _TRUE,

@@ -80,3 +80,31 @@ async def test_ui_run_upload_failure_is_shown_to_the_browser(make_harness):
         await asyncio.sleep(0.01)
     [(event, data, sid)] = h.comfy.sent
     assert sid == "tab-2" and data["urls"] == [] and "unreachable" in data["error"]
+
+
+async def test_finished_jobs_are_forgotten_after_the_retention(make_harness):
+    h = await make_harness()
+    for cid in ("old1", "new1"):
+        await h.post(model_free(), cid)
+        await h.wait_final(cid)
+    await h.receiver.wait_for(2)
+    await h.settle()
+    h.journal_sql("UPDATE jobs SET finished_at = finished_at - 31 * 86400"
+                  " WHERE content_request_id = 'old1'")
+    assert await h.courier.prune() == 1
+    resp = await h.client.get("/execute-workflow/old1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 404
+    assert (await h.status("new1"))["state"] == "success"
+    status, body = await h.post(model_free(), "old1")  # a forgotten id is a new job
+    assert status == 202 and body["attempt"] == 1
+
+
+async def test_retention_zero_keeps_finished_jobs_forever(make_harness):
+    h = await make_harness(env={"COURIER_RETENTION_DAYS": "0"})
+    await h.post(model_free(), "kept1")
+    await h.wait_final("kept1")
+    await h.receiver.wait_for(1)
+    await h.settle()
+    h.journal_sql("UPDATE jobs SET finished_at = finished_at - 3650 * 86400")
+    assert await h.courier.prune() == 0
+    assert (await h.status("kept1"))["state"] == "success"

@@ -6,6 +6,7 @@ def test_defaults_and_problems_for_an_empty_environment():
     assert s.api_keys == () and s.storage == "local" and s.bucket == "comfy-outputs"
     assert s.max_queue == 100 and s.job_timeout == 1800 and s.max_body_bytes == 10 * 1024 * 1024
     assert s.retry_horizon == 86400 and s.max_attempts == 2 and not s.keep_metadata
+    assert s.retention_days == 30
     assert any("COURIER_API_KEY" in p for p in s.problems)
 
 
@@ -25,10 +26,12 @@ def test_bad_values_fall_back_with_one_problem_each():
     s = Settings.from_env({"COURIER_API_KEY": "k" * 20, "COURIER_MAX_QUEUE": "lots",
                            "COURIER_JOB_TIMEOUT": "-5", "COURIER_STORAGE": "s3",
                            "COURIER_URL_MODE": "weird", "COURIER_CALLBACK_URL": "ftp://x",
-                           "COURIER_WEBHOOK_SECRET": "whsec_!!!notbase64"})
+                           "COURIER_WEBHOOK_SECRET": "whsec_!!!notbase64",
+                           "COURIER_RETENTION_DAYS": "-1"})
     assert s.max_queue == 100 and s.job_timeout == 1800 and s.storage == "local"
     assert s.url_mode == "public" and s.callback_url is None and s.webhook_secrets == ()
-    assert len(s.problems) == 6
+    assert s.retention_days == 30
+    assert len(s.problems) == 7
 
 
 def test_supabase_without_key_falls_back_to_local():
