@@ -62,11 +62,20 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def classify(code: int, retry_after: str | None, now: float) -> Outcome:
-    """What a receiver's answer means: delivered, retry later, or never (dead letter)."""
+def classify(
+    code: int, retry_after: str | None, now: float, location: str | None = None
+) -> Outcome:
+    """What a receiver's answer means: delivered, retry later, or never (dead letter).
+
+    Redirects are not followed (a POST's body and keys would go to another address) but
+    retried: the operator fixes COURIER_CALLBACK_URL and the kept events then arrive.
+    """
     if 200 <= code < 300:
         return Delivered(code)
     reason = f"HTTP {code}"
+    if 300 <= code < 400:
+        reason += f" redirect to {location or '?'}"[:200]
+        reason += "; set COURIER_CALLBACK_URL to the final address (redirects are not followed)"
     if code in RETRYABLE_4XX or code >= 500 or code < 400:
         return Retry(reason, parse_retry_after(retry_after, now))
     return Permanent(reason)
@@ -201,11 +210,12 @@ class Deliverer:
             ) as response:
                 await response.read()  # the whole answer, so the connection is reused
                 code, retry_after = response.status, response.headers.get("Retry-After")
+                location = response.headers.get("Location")
         except asyncio.TimeoutError:
             return Retry(f"no answer within {self._timeout:g} s")
         except (aiohttp.ClientError, ValueError) as e:  # ValueError: an unusable URL
             return Retry(f"{type(e).__name__}: {e}"[:300])
-        return classify(code, retry_after, self._clock())
+        return classify(code, retry_after, self._clock(), location)
 
     async def _record(self, event: OutboxEvent, outcome: Outcome) -> None:
         now = self._clock()

@@ -102,3 +102,17 @@ async def test_a_fresh_event_is_sent_at_once_and_only_once(outbox, receiver, del
     await d.drain()
     assert len(receiver.requests) == 1
     assert (await outbox(Journal.callback_summary, "d1", 1)).state == "delivered"
+
+
+async def test_a_redirect_is_not_followed_but_retried_with_its_target(outbox, receiver, deliverers):
+    # e.g. Vercel sending http:// to https:// with a 308: the fix is the URL, and the kept
+    # event arrives once it is fixed
+    receiver.script = [(308, {"Location": "https://app.example/api/comfy-callback"}, 0.0)]
+    d = deliverers(outbox, "i", receiver.url, "k", (), schedule=(0, 5), jitter=0.0,
+                  clock=Clock())
+    await d.dispatch_due()
+    await d.drain()
+    summary = await outbox(Journal.callback_summary, "d1", 1)
+    assert summary.state == "pending" and len(receiver.requests) == 1
+    assert "HTTP 308 redirect to https://app.example/api/comfy-callback" in summary.last_error
+    assert "COURIER_CALLBACK_URL" in summary.last_error
