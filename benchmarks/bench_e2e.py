@@ -59,6 +59,7 @@ CLIENT_ID = "bench-e2e-plain"
 async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str, list[float]]:
     use_repo_package()
     import numpy as np
+
     from comfy_courier.executor.images import encode
     from comfy_courier.executor.storage.supabase_storage import SupabaseStorage
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from comfy_courier import wiring  # noqa: E402
 from comfy_courier.executor.settings import Settings  # noqa: E402
 from comfy_courier.routes import add_routes  # noqa: E402
+
 from standin.comfy import StandinComfy  # noqa: E402
 
 API_KEY = "load-test-inbound-key-0123456789"

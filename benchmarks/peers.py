@@ -28,6 +28,7 @@ from _common import TESTS  # noqa: E402
 
 sys.path.insert(0, str(TESTS))
 from aiohttp import web  # noqa: E402
+
 from fakes.storage_server import FakeStorage, start_storage_server  # noqa: E402
 
 

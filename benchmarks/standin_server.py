@@ -29,9 +29,11 @@ from _common import use_repo_package  # noqa: E402
 use_repo_package()
 
 from aiohttp import web  # noqa: E402
+
 from comfy_courier import wiring  # noqa: E402
 from comfy_courier.executor.settings import Settings  # noqa: E402
 from comfy_courier.routes import add_routes  # noqa: E402
+
 from standin.comfy import StandinComfy  # noqa: E402
 
 log = logging.getLogger("standin")

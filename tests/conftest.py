@@ -21,6 +21,7 @@ from comfy_courier.executor.courier import Courier
 from comfy_courier.executor.journal import Journal
 from comfy_courier.executor.settings import Settings
 from comfy_courier.routes import add_routes
+
 from fakes.storage_server import FakeStorage, start_storage_server
 from standin.comfy import StandinComfy
 

@@ -12,9 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
+
 from comfy_courier import cli
 from comfy_courier import listener as receiver
 from comfy_courier.executor.signing import signature_headers
+
 from conftest import API_KEY, CALLBACK_KEY, WEBHOOK_SECRET, model_free
 
 OTHER_SECRET = "whsec_QmFzZTY0T3RoZXJTZWNyZXRGb3JSb3RhdGlvbg=="

@@ -2,7 +2,14 @@
 
 import pytest
 
-from comfy_courier.executor.delivery import Deliverer, Delivered, Permanent, Retry, classify, parse_retry_after
+from comfy_courier.executor.delivery import (
+    Delivered,
+    Deliverer,
+    Permanent,
+    Retry,
+    classify,
+    parse_retry_after,
+)
 from comfy_courier.executor.jobs import Job, JobState
 from comfy_courier.executor.journal import Journal, OutboxEvent
 from comfy_courier.executor.journal_thread import JournalThread

@@ -1,4 +1,4 @@
-from conftest import model_free, CALLBACK_KEY
+from conftest import CALLBACK_KEY, model_free
 
 
 async def test_model_free_job_calls_back_once_with_url(make_harness):

@@ -19,11 +19,13 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from comfy_courier.executor.intake import ID_PATTERN, MAX_DEPTH, MAX_NODES
-from comfy_courier.executor.journal import Journal
-from conftest import API_KEY, Harness, model_free
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
+from comfy_courier.executor.intake import ID_PATTERN, MAX_DEPTH, MAX_NODES
+from comfy_courier.executor.journal import Journal
+
+from conftest import API_KEY, Harness, model_free
 
 PROPERTY = settings(
     max_examples=150,
@@ -419,7 +421,8 @@ async def test_filename_prefix_cannot_escape_the_output_folder(make_harness, tmp
     assert sorted(callbacks) == sorted(f"fp-{name}" for name in cases)  # one each, no more
     assert files_outside(root, output) == before
     assert not absolute.parent.exists()
-    assert any(output.glob("fine_*") if node == "SaveImage" else output.glob("fp-normalised/fine_*"))
+    pattern = "fine_*" if node == "SaveImage" else "fp-normalised/fine_*"
+    assert any(output.glob(pattern))
 
 
 def test_prepared_prompt_leaves_the_received_workflow_untouched():

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_courier.executor.images import encode, png_text_chunks, sanitize_file, strip_png_text, to_uint8_batch
+from comfy_courier.executor.images import (
+    encode,
+    png_text_chunks,
+    sanitize_file,
+    strip_png_text,
+    to_uint8_batch,
+)
 
 
 def batch(n=2, h=12, w=10):

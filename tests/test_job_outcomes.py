@@ -9,9 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from comfy_courier.executor.courier import Courier
-from conftest import API_KEY, SERVICE_KEY, WEBHOOK_SECRET, model_free
 from standardwebhooks import Webhook
+
+from comfy_courier.executor.courier import Courier
+
+from conftest import API_KEY, SERVICE_KEY, WEBHOOK_SECRET, model_free
 from standin.comfy import image_metadata
 
 CONTRACT_KEYS = ["content_request_id", "status", "image_url", "error_message"]

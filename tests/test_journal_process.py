@@ -21,6 +21,7 @@ from comfy_courier.executor.intake import parse_request
 from comfy_courier.executor.jobs import Job
 from comfy_courier.executor.journal import DuplicateAttempt, Journal
 from comfy_courier.executor.journal_process import JournalProcess, JournalUnavailable
+
 from conftest import API_KEY, model_free
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP/SIGKILL are POSIX")

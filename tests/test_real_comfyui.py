@@ -75,7 +75,9 @@ def start_comfy(base: Path, receiver_url: str, port: int, extra_env: dict[str, s
     nodes.mkdir(parents=True, exist_ok=True)
     (nodes / "comfy_courier").symlink_to(REPO, target_is_directory=True)
     config = base / "extra_model_paths.yaml"
-    config.write_text(f"courier:\n    base_path: {base / 'nodes'}\n    custom_nodes: custom_nodes\n")
+    config.write_text(
+        f"courier:\n    base_path: {base / 'nodes'}\n    custom_nodes: custom_nodes\n"
+    )
     output = base / "output"
     env = {
         **os.environ,
@@ -181,7 +183,8 @@ async def test_model_free_workflow_end_to_end(real_comfy, receiver):
         assert list(body)[:4] == ["content_request_id", "status", "image_url", "error_message"]
         assert body["status"] == "success", body
         image = await client.get(body["image_url"])
-        assert image.status_code == 200 and image.content[:3] == b"\xff\xd8\xff"  # JPEG, the default
+        # JPEG, the default
+        assert image.status_code == 200 and image.content[:3] == b"\xff\xd8\xff"
         assert image_metadata(image.content) == {}
         # courier jobs never broadcast to browser tabs, and /queue, /history hold no secret
         history = (await client.get(f"{real_comfy.url}/history/{body['prompt_id']}")).text
@@ -242,7 +245,8 @@ async def test_sigkill_while_running_then_restart_loses_nothing(tmp_path, receiv
         await wait_up(comfy)
         async with httpx.AsyncClient(timeout=30) as client:
             assert (await comfy.post(client, long_job, "kill-running")).status_code == 202
-            assert (await comfy.post(client, load("model-free.json"), "kill-queued")).status_code == 202
+            queued = await comfy.post(client, load("model-free.json"), "kill-queued")
+            assert queued.status_code == 202
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 state = (await client.get(f"{comfy.url}/execute-workflow/kill-running",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from comfy_courier.executor.comfy_port import Completion
+
 from conftest import model_free
 
 

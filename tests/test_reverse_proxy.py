@@ -25,8 +25,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from comfy_courier.executor.settings import Settings
 from comfy_courier.executor.storage.local import LocalStorage
+
 from conftest import API_KEY, model_free
 
 CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "comfy-courier.conf"

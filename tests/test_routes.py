@@ -8,6 +8,7 @@ import select
 import socket
 
 import pytest
+
 from conftest import API_KEY, model_free
 
 

@@ -16,8 +16,10 @@ async def test_secrets_appear_nowhere_a_job_leaves_traces(make_harness, storage_
     secrets = h.settings.secrets
     assert len(secrets) == 4
     ok = model_free()
-    failing = dict(model_free(), **{"3": {"class_type": "FailingNode", "inputs": {}},
-                                    "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}}})
+    failing = dict(model_free(), **{
+        "3": {"class_type": "FailingNode", "inputs": {}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}},
+    })
     await h.post(ok, "sec-ok")
     await h.post(failing, "sec-err")
     await h.wait_final("sec-ok")

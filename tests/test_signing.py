@@ -13,14 +13,16 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
 from comfy_courier.executor import signing
 from comfy_courier.executor.delivery import Deliverer
 from comfy_courier.executor.jobs import Job, JobState
 from comfy_courier.executor.journal import Journal, OutboxEvent
 from comfy_courier.executor.journal_thread import JournalThread
 from comfy_courier.executor.signing import signature_headers
+
 from conftest import CALLBACK_KEY, WEBHOOK_SECRET, Received, model_free
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 SIGNED = ("webhook-id", "webhook-timestamp", "webhook-signature")
 

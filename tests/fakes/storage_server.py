@@ -324,7 +324,9 @@ def make_storage_app(state: FakeStorage) -> web.Application:
                                    "The object exceeded the maximum allowed size")
             ctype = record.content_type or "application/octet-stream"
             if bucket.allowed_mime_types is not None and ctype not in bucket.allowed_mime_types:
-                raise StorageError("415", "invalid_mime_type", f"mime type {ctype} is not supported")
+                raise StorageError(
+                    "415", "invalid_mime_type", f"mime type {ctype} is not supported"
+                )
         except StorageError as err:
             record.body_status = err.status
             return _error_response(err)

@@ -280,7 +280,9 @@ class StandinComfy:
         self.client_id: str | None = None
         self.on_prompt_handlers: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
         self.prompt_queue: PromptQueue = (
-            PromptQueue033(self, version) if version.startswith("0.33") else PromptQueue0364(self, version)
+            PromptQueue033(self, version)
+            if version.startswith("0.33")
+            else PromptQueue0364(self, version)
         )
         self.interrupted = False
         self.nodes = StandinNodes(self)
