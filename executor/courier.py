@@ -892,7 +892,8 @@ class Courier:
                 f"resubmission after a restart failed validation: {e.message}",
             )
             return
-        await self.db(Journal.resubmitted, old_prompt_id, job.prompt_id, self.clock())
+        if not await self.db(Journal.resubmitted, old_prompt_id, job.prompt_id, self.clock()):
+            return  # it ended while this recovery worked through its list
         job.runs += 1
         job.state = JobState.QUEUED
         job.started_at = job.executed_at = None

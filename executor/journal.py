@@ -274,24 +274,31 @@ class Journal:
             )
         return cur.rowcount == 1
 
-    def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> None:
-        """The same attempt runs again under a new prompt_id after a restart."""
+    def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool:
+        """The same attempt runs again under a new prompt_id after a restart.
+
+        False if it ended meanwhile (recovery reads its list once, then works through it
+        while jobs finish): then nothing changes, and the caller must not queue it.
+        """
         with self._tx() as db:
             row = db.execute(
-                "SELECT content_request_id, attempt FROM jobs WHERE prompt_id = ?",
+                "SELECT content_request_id, attempt FROM jobs"
+                " WHERE prompt_id = ? AND state NOT IN ('success', 'error')",
                 (old_prompt_id,),
             ).fetchone()
+            if row is None:
+                return False
             db.execute(
                 "UPDATE jobs SET prompt_id = ?, runs = runs + 1, state = 'queued',"
-                " started_at = NULL, executed_at = NULL, expected_images = NULL,"
-                " created_at = created_at WHERE prompt_id = ?",
+                " started_at = NULL, executed_at = NULL, expected_images = NULL"
+                " WHERE prompt_id = ?",
                 (new_prompt_id, old_prompt_id),
             )
-            if row:
-                db.execute(
-                    "DELETE FROM images WHERE content_request_id = ? AND attempt = ?",
-                    (row["content_request_id"], row["attempt"]),
-                )
+            db.execute(
+                "DELETE FROM images WHERE content_request_id = ? AND attempt = ?",
+                (row["content_request_id"], row["attempt"]),
+            )
+        return True
 
     def finish(self, job: Job, event: OutboxEvent | None) -> bool:
         """Write the final state (and its callback event) unless the job is final already.

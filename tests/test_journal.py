@@ -326,3 +326,17 @@ def test_version_2_journal_gains_the_finished_jobs_index(tmp_path):
     assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert j.prune(1000.0, 10) == 1
     j.close()
+
+
+def test_a_job_that_ended_is_not_resubmitted(journal):
+    # recovery reads its list once; a job on it may finish before its turn comes
+    job = make_job()
+    journal.insert(job)
+    job.state, job.finished_at = JobState.SUCCESS, 3.0
+    journal.finish(job, event())
+    assert journal.resubmitted("p1", "p1-again", 4.0) is False
+    latest = journal.latest("j1")
+    assert latest.state is JobState.SUCCESS and latest.prompt_id == "p1" and latest.runs == 1
+    journal.insert(make_job(cid="j2", prompt_id="p2"))
+    assert journal.resubmitted("p2", "p2-again", 4.0) is True
+    assert journal.latest("j2").prompt_id == "p2-again" and journal.latest("j2").runs == 2

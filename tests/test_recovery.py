@@ -79,3 +79,36 @@ async def test_a_prompt_ending_after_the_loop_closed_is_left_to_the_journal(make
     finally:
         h.courier._loop = loop
     assert (await h.status("late1"))["state"] == "queued"  # the next start recovers it
+
+
+async def test_a_job_that_ends_during_a_recovery_pass_stays_ended(make_harness):
+    # recover() reads the unfinished jobs once: "r1" is on the list, then is cancelled while
+    # an orphan ahead of it is being resubmitted; its turn must not bring it back
+    h = await make_harness(start_worker=False)
+    await h.post(model_free(), "r1")
+    h.journal_sql(
+        "INSERT INTO jobs (content_request_id, attempt, prompt_id, instance, state, workflow,"
+        " fingerprint, runs, created_at) SELECT 'orphan1', 1, 'orphan-p', instance, 'queued',"
+        " workflow, fingerprint, 1, created_at - 10 FROM jobs WHERE content_request_id = 'r1'")
+    gate, entered = asyncio.Event(), asyncio.Event()
+    validated = h.courier._validated_prompt
+
+    async def held_validation(job, workflow):
+        if job.content_request_id == "orphan1":
+            entered.set()
+            await gate.wait()
+        return await validated(job, workflow)
+
+    h.courier._validated_prompt = held_validation
+    recovery = asyncio.ensure_future(h.courier.recover())
+    await entered.wait()
+    assert (await h.courier.cancel("r1"))["state"] == "error"
+    gate.set()
+    await recovery
+    assert (await h.status("r1"))["state"] == "error"
+    [orphan] = [run.job for run in h.courier._runs.values()]  # r1 is not running again
+    assert orphan.content_request_id == "orphan1"
+    assert [item[1] for item in h.comfy.prompt_queue.queue] == [orphan.prompt_id]
+    await h.receiver.wait_for(1)
+    await h.settle()
+    assert [b["error_type"] for b in h.receiver.bodies("r1")] == ["cancelled"]
