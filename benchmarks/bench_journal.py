@@ -14,8 +14,8 @@ job just posted on A); then GET /courier/health on its own. RSS (VmRSS, /proc) o
 servers, each with its journal process, at ready and after the requests. Verdicts: intake
 p50 B/A <= 1.05 (no slowdown beyond noise); RSS B - A <= 8 MiB (SQLite's default page
 cache is 2 MiB; the rest is allocator noise between two processes). Afterwards B's journal
-is pruned to empty in the courier's batches (COURIER_RETENTION_DAYS), timing each batch:
-intake waits behind at most one.
+is pruned in the courier's batches (COURIER_RETENTION_DAYS), timing each batch (intake
+waits behind at most one), with the bytes in use before and after.
 
     python benchmarks/bench_journal.py [--quick] [--standin] [--rows 100000]
 """
@@ -116,28 +116,42 @@ def fill(path: Path, rows: int, instance: str) -> dict[str, float]:
 
 
 def prune_all(path: Path) -> dict[str, Any]:
-    """Forget every job, in the batches the courier uses: how long each holds the journal."""
+    """Prune every job, in the batches the courier uses: how long each holds the journal,
+    and the bytes in use before and after (SQLite keeps the freed pages for reuse)."""
     use_repo_package()
     from comfy_courier.executor.courier import PRUNE_BATCH
     from comfy_courier.executor.journal import Journal
 
     journal = Journal(path)
+
+    def used() -> int:
+        pages, free, size = (
+            journal._db.execute(f"PRAGMA {p}").fetchone()[0]
+            for p in ("page_count", "freelist_count", "page_size")
+        )
+        return int((pages - free) * size)
+
+    before = used()
     batches: list[float] = []
+    pruned = 0
     t0 = time.perf_counter()
     while True:
         t1 = time.perf_counter()
-        pruned = journal.prune(time.time(), PRUNE_BATCH)
+        n = journal.prune(time.time(), PRUNE_BATCH)
         batches.append(time.perf_counter() - t1)
-        if pruned < PRUNE_BATCH:
+        pruned += n
+        if n < PRUNE_BATCH:
             break
     seconds = time.perf_counter() - t0
-    left = journal._db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    after = used()
     journal.close()
     return {
         "batch": PRUNE_BATCH,
         "batches_ms": [b * 1000 for b in batches],
         "seconds": seconds,
-        "left": left,
+        "pruned": pruned,
+        "bytes_before": before,
+        "bytes_after": after,
     }
 
 
@@ -301,10 +315,12 @@ def main() -> int:
     )
     batch_ms = pruned["batches_ms"]
     print(
-        f"   pruning B afterwards (the journal alone): {rows - pruned['left']:,} jobs in "
+        f"   pruning B afterwards (the journal alone): {pruned['pruned']:,} jobs in "
         f"{len(batch_ms)} batches of {pruned['batch']} in {pruned['seconds']:.1f} s; a batch "
         f"holds the journal p50 {p50(batch_ms):.1f} ms, p99 {pct(batch_ms, 99):.1f} ms, "
-        f"max {max(batch_ms):.1f} ms"
+        f"max {max(batch_ms):.1f} ms; in use {pruned['bytes_before'] / 2**20:.1f} -> "
+        f"{pruned['bytes_after'] / 2**20:.1f} MiB "
+        f"({pruned['bytes_after'] / max(1, pruned['pruned']):.0f} bytes a job kept)"
     )
     write_json(
         args,

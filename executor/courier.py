@@ -48,10 +48,10 @@ JOURNAL_RETRY = (0.1, 0.5, 2.0, 5.0)  # waits between tries of a final-state wri
 HEARTBEAT_INTERVAL = 15.0
 STALE_AFTER = 90.0  # an instance silent this long has its work adopted by a live one
 PRUNE_INTERVAL = 3600.0
-# Intake waits behind a pruning batch in the journal process: on a 100k-job journal 100
-# attempts hold it 2.7 ms at p50 and 18 ms at p99, when the batch runs a WAL checkpoint
+# Intake waits behind a pruning batch in the journal process: on a 100k-job journal 50
+# attempts hold it 3 ms at p50 and ~20 ms at p99, when the batch runs a WAL checkpoint
 # (benchmarks/bench_journal.py). The pause leaves the journal idle ~97 % of a long prune.
-PRUNE_BATCH = 100
+PRUNE_BATCH = 50
 PRUNE_PAUSE = 0.1
 
 
@@ -261,8 +261,8 @@ class Courier:
         resumes on the loop's next pass and writes its answer in that step; the put runs
         one pass later, whether or not the request is still there.
         """
-        self._runs[job.prompt_id] = Run(job, uses_node)
         position = self.comfy.queue_length() + len(self._unqueued)
+        self._runs[job.prompt_id] = Run(job, uses_node)
         self._unqueued[job.prompt_id] = None
         loop = asyncio.get_running_loop()
         loop.call_soon(loop.call_soon, self._put_accepted, job, prompt, outputs)
@@ -277,6 +277,11 @@ class Courier:
             self._put(job, prompt, outputs)
         except Exception as e:
             log.exception("[courier] ComfyUI did not queue id=%s", job.content_request_id)
+            # The put may have failed after queueing it (in ComfyUI's queue_updated): take
+            # it back; one already running ends through the worker as usual.
+            removed = self.comfy.remove_pending(job.prompt_id)
+            if not removed and job.prompt_id in self.comfy.queue_snapshot():
+                return
             run.completed = True
             self._spawn(self._finish(run, ErrorType.LOST, f"ComfyUI did not queue it: {e}"))
 
@@ -362,7 +367,9 @@ class Courier:
         While ComfyUI exits the worker may finish a prompt after the loop has closed. The
         job is then left to the journal: the next start recovers it.
         """
-        assert self._loop is not None
+        if self._loop is None:  # a UI run before the courier started: nothing to track
+            log.debug("[courier] not started; %s dropped", getattr(callback, "__name__", callback))
+            return
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop is closed

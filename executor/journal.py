@@ -25,7 +25,7 @@ from .jobs import CallbackSummary, ErrorType, Job, JobState, Output
 # 9 values a job row: 900 stays under the 999 bound values of SQLite builds before 3.32
 _ROWS_PER_STATEMENT = 100
 
-# 2: outbox_dead index; 3: jobs_finished index (retention). Each version's statements are
+# 2: outbox_dead index; 3: jobs_prunable index (retention). Each version's statements are
 # idempotent, so one pass over _SCHEMA migrates any older journal.
 SCHEMA_VERSION = 3
 
@@ -53,8 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (instance, state)
     WHERE state NOT IN ('success', 'error');
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at)
-    WHERE state IN ('success', 'error');
+CREATE INDEX IF NOT EXISTS jobs_prunable ON jobs (finished_at)
+    WHERE state IN ('success', 'error') AND workflow <> '';
 CREATE TABLE IF NOT EXISTS images (
     content_request_id TEXT NOT NULL,
     attempt INTEGER NOT NULL,
@@ -92,6 +92,18 @@ CREATE TABLE IF NOT EXISTS instances (
     heartbeat_at REAL NOT NULL
 );
 """
+
+
+# Final attempts not slimmed yet, finished before ?, whose callback is not pending; the
+# terms repeat jobs_prunable's WHERE so SQLite reads that index.
+_PRUNABLE = (
+    "SELECT content_request_id, attempt FROM jobs"
+    " WHERE state IN ('success', 'error') AND workflow <> '' AND finished_at < ?"
+    " AND NOT EXISTS (SELECT 1 FROM outbox o"
+    "  WHERE o.content_request_id = jobs.content_request_id"
+    "  AND o.attempt = jobs.attempt AND o.state = 'pending')"
+    " ORDER BY finished_at LIMIT ?"
+)
 
 
 class DuplicateAttempt(Exception):
@@ -344,27 +356,37 @@ class Journal:
         return True
 
     def prune(self, finished_before: float, limit: int) -> int:
-        """Forget up to `limit` final attempts that finished before `finished_before`.
+        """Slim up to `limit` final attempts that finished before `finished_before`.
 
-        An attempt goes with its images and callback event, unless that event is still
-        being delivered. Oldest first, from the jobs_finished index: a batch costs the same
-        however large the journal is, and holds the journal only for its own rows.
+        Each loses its workflow, image records and callback record; an id's latest attempt
+        keeps its row, the outcome, so the id still replays instead of running twice and a
+        new attempt never reuses its image paths (`<id>/<attempt>-<n>`). Older attempts go.
+        An attempt whose callback is still being delivered waits. Oldest first, from the
+        jobs_prunable index, which slimmed rows leave: a batch costs the same however
+        large the journal is.
         """
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT content_request_id, attempt FROM jobs"
-                " WHERE state IN ('success', 'error') AND finished_at < ?"
-                " AND NOT EXISTS (SELECT 1 FROM outbox o"
-                "  WHERE o.content_request_id = jobs.content_request_id"
-                "  AND o.attempt = jobs.attempt AND o.state = 'pending')"
-                " ORDER BY finished_at LIMIT ?",
-                (finished_before, limit),
-            ).fetchall()
+            rows = db.execute(_PRUNABLE, (finished_before, limit)).fetchall()
             keys = [(r["content_request_id"], r["attempt"]) for r in rows]
-            for table in ("images", "outbox", "jobs"):
+            for table in ("images", "outbox"):
                 db.executemany(
                     f"DELETE FROM {table} WHERE content_request_id = ? AND attempt = ?", keys
                 )
+            db.executemany(
+                "DELETE FROM jobs WHERE content_request_id = ? AND attempt = ? AND attempt <"
+                " (SELECT max(attempt) FROM jobs WHERE content_request_id = ?)",
+                [(cid, attempt, cid) for cid, attempt in keys],
+            )
+            # Rewritten, not updated in place: a shrunk row would leave its page mostly
+            # empty and never reused (new rows go to the end), so the file would keep
+            # growing; rewritten rows pack together and the emptied pages are reused.
+            columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+            values = ", ".join("''" if c == "workflow" else c for c in columns)
+            db.executemany(
+                f"INSERT OR REPLACE INTO jobs ({', '.join(columns)}) SELECT {values}"
+                " FROM jobs WHERE content_request_id = ? AND attempt = ?",
+                keys,
+            )
         return len(keys)
 
     # -- images -------------------------------------------------------------------------

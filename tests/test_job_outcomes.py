@@ -216,6 +216,22 @@ async def test_comfyui_refusing_an_answered_job_ends_it_in_one_error_callback(ma
     assert (await h.status("rf1"))["state"] == "error"
 
 
+async def test_a_put_that_fails_after_queueing_takes_the_job_back(make_harness):
+    h = await make_harness(start_worker=False)
+    put = h.comfy.prompt_queue.put
+
+    def queue_then_fail(item):
+        put(item)
+        raise RuntimeError("queue_updated failed")
+
+    h.comfy.prompt_queue.put = queue_then_fail
+    status, _ = await h.post(model_free(), "rf2")
+    assert status == 202
+    [cb] = await final_callbacks(h, "rf2")
+    assert cb["error_type"] == "lost"
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 0  # it will not run after all
+
+
 async def test_interrupt_from_the_ui_is_reported(make_harness):
     h = await make_harness()
     await h.post(slow_workflow(5), "int1")

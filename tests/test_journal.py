@@ -264,65 +264,79 @@ async def test_group_commit_keeps_two_batches_in_flight_and_answers_in_order():
     assert followed == [1, 2, 3, 4]
 
 
-def finished(journal, cid, at, outbox_state=None, state=JobState.SUCCESS):
+def finished(journal, cid, at, outbox_state=None, state=JobState.SUCCESS, attempt=1):
     """A final attempt of `cid` that finished at `at`, with one image and, if given, its
     callback event left in `outbox_state`."""
-    job = make_job(cid=cid, prompt_id=f"p-{cid}")
+    job = make_job(cid=cid, attempt=attempt, prompt_id=f"p-{cid}-{attempt}")
+    job.workflow = '{"1": {}}'
     journal.insert(job)
-    journal.record_image(job, 1, Output("9", 0, f"{cid}/1-1.jpg", "image/jpeg", 10, 8, 8))
+    journal.record_image(job, 1, Output("9", 0, f"{cid}/{attempt}-1.jpg", "image/jpeg", 10, 8, 8))
     job.state, job.finished_at = state, at
     if state is JobState.ERROR:
         job.error_type = ErrorType.EXECUTION
-    journal.finish(job, event(cid=cid, event_id=f"msg_{cid}") if outbox_state else None)
+    event_id = f"msg_{cid}_{attempt}"
+    callback = event(cid=cid, attempt=attempt, event_id=event_id) if outbox_state else None
+    journal.finish(job, callback)
     if outbox_state not in (None, "pending"):
-        journal.record_delivery(f"msg_{cid}", outbox_state, 1, at + 1)
+        journal.record_delivery(event_id, outbox_state, 1, at + 1)
 
 
-def rows(journal, table):
-    query = f"SELECT content_request_id FROM {table} ORDER BY content_request_id"
-    return [r[0] for r in journal._db.execute(query)]
+def rows(journal, table, where="1"):
+    query = f"SELECT content_request_id, attempt FROM {table} WHERE {where} ORDER BY 1, 2"
+    return [f"{r[0]}/{r[1]}" for r in journal._db.execute(query)]
 
 
-def test_prune_forgets_old_final_attempts_with_their_images_and_events(journal):
+def test_prune_slims_old_final_attempts_and_keeps_each_ids_outcome(journal):
     finished(journal, "old-ok", 100.0, "delivered")
     finished(journal, "old-dead", 110.0, "dead", state=JobState.ERROR)
     finished(journal, "old-quiet", 120.0)  # no callback URL: no event
     finished(journal, "old-pending", 130.0, "pending")  # its callback is still being tried
+    finished(journal, "twice", 140.0, "delivered", state=JobState.ERROR)
+    finished(journal, "twice", 150.0, "delivered", attempt=2)
     finished(journal, "recent", 900.0, "delivered")
     journal.insert(make_job(cid="old-queued", prompt_id="p-q"))  # never finished
-    assert journal.prune(500.0, 100) == 3
-    assert rows(journal, "jobs") == ["old-pending", "old-queued", "recent"]
-    assert rows(journal, "images") == ["old-pending", "recent"]
-    assert rows(journal, "outbox") == ["old-pending", "recent"]
-    assert journal.latest("old-ok") is None  # the id is forgotten: it may be used anew
+    assert journal.prune(500.0, 100) == 5
+    # the latest attempt of each id stays, without its workflow; "twice"'s first one goes
+    assert rows(journal, "jobs") == ["old-dead/1", "old-ok/1", "old-pending/1", "old-queued/1",
+                                     "old-quiet/1", "recent/1", "twice/2"]
+    assert rows(journal, "jobs", "workflow = ''") == ["old-dead/1", "old-ok/1", "old-quiet/1",
+                                                      "twice/2"]
+    assert rows(journal, "images") == ["old-pending/1", "recent/1"]
+    assert rows(journal, "outbox") == ["old-pending/1", "recent/1"]
+    kept = journal.latest("old-ok")  # still replays: the id never runs twice
+    assert kept.state is JobState.SUCCESS and kept.fingerprint == "f" and kept.attempt == 1
+    assert journal.admit([make_job(cid="twice", prompt_id="p-3")]) == [journal.latest("twice")]
+    assert journal.admit([make_job(cid="old-dead", prompt_id="p-4")]) == [2]  # not 1 again
     assert journal.outbox_backlog() == (1, 0)
+    assert journal.prune(500.0, 100) == 0  # slimmed rows are not taken again
 
 
 def test_prune_goes_oldest_first_in_batches(journal):
     for i, at in enumerate([50.0, 10.0, 40.0, 20.0, 30.0]):
         finished(journal, f"b{i}", at, "delivered")
     assert journal.prune(1000.0, 2) == 2
-    assert rows(journal, "jobs") == ["b0", "b2", "b4"]  # 10 and 20 went first
+    assert rows(journal, "jobs", "workflow = ''") == ["b1/1", "b3/1"]  # 10 and 20 went first
     assert [journal.prune(1000.0, 2), journal.prune(1000.0, 2)] == [2, 1]
-    assert rows(journal, "jobs") == [] and journal.prune(1000.0, 2) == 0
+    assert len(rows(journal, "jobs", "workflow = ''")) == 5 and journal.prune(1000.0, 2) == 0
 
 
-def test_prune_reads_the_finished_jobs_index(journal):
+def test_prune_reads_the_prunable_jobs_index(journal):
+    from comfy_courier.executor.journal import _PRUNABLE
+
     plan = " ".join(str(tuple(r)) for r in journal._db.execute(
-        "EXPLAIN QUERY PLAN SELECT content_request_id, attempt FROM jobs"
-        " WHERE state IN ('success', 'error') AND finished_at < 1 ORDER BY finished_at LIMIT 5"))
-    assert "jobs_finished" in plan  # a batch never scans the workflows of every job
+        "EXPLAIN QUERY PLAN " + _PRUNABLE, (1.0, 5)))
+    assert "jobs_prunable" in plan  # a batch never scans the workflows of every job
 
 
-def test_version_2_journal_gains_the_finished_jobs_index(tmp_path):
+def test_version_2_journal_gains_the_prunable_jobs_index(tmp_path):
     j = Journal(tmp_path / "v2.sqlite3")
-    j._db.execute("DROP INDEX jobs_finished")
+    j._db.execute("DROP INDEX jobs_prunable")
     j._db.execute("PRAGMA user_version = 2")
     finished(j, "kept", 100.0, "delivered")
     j.close()
     j = Journal(tmp_path / "v2.sqlite3")
     names = {r[0] for r in j._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert "jobs_finished" in names
+    assert "jobs_prunable" in names
     assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert j.prune(1000.0, 10) == 1
     j.close()

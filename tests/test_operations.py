@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from comfy_courier.executor.journal import Journal
+
 from conftest import API_KEY, CALLBACK_KEY, model_free
 from test_job_outcomes import slow_workflow
 
@@ -82,29 +84,69 @@ async def test_ui_run_upload_failure_is_shown_to_the_browser(make_harness):
     assert sid == "tab-2" and data["urls"] == [] and "unreachable" in data["error"]
 
 
-async def test_finished_jobs_are_forgotten_after_the_retention(make_harness):
-    h = await make_harness()
-    for cid in ("old1", "new1"):
+async def finished_jobs(h, *cids: str) -> None:
+    for cid in cids:
         await h.post(model_free(), cid)
         await h.wait_final(cid)
-    await h.receiver.wait_for(2)
+    await h.receiver.wait_for(len(cids))
     await h.settle()
+
+
+def journal_count(h, query: str) -> int:
+    journal = Journal(h.settings.db_path)
+    try:
+        return int(journal._db.execute(query).fetchone()[0])
+    finally:
+        journal.close()
+
+
+async def test_retention_slims_old_jobs_and_keeps_their_outcome(make_harness):
+    h = await make_harness()
+    await finished_jobs(h, "old1", "new1")
+    before = await h.status("old1")
     h.journal_sql("UPDATE jobs SET finished_at = finished_at - 31 * 86400"
                   " WHERE content_request_id = 'old1'")
     assert await h.courier.prune() == 1
-    resp = await h.client.get("/execute-workflow/old1", headers={"X-API-Key": API_KEY})
-    assert resp.status == 404
+    assert journal_count(h, "SELECT count(*) FROM jobs WHERE workflow = ''") == 1
+    assert journal_count(h, "SELECT count(*) FROM outbox") == 1  # new1's
+    after = await h.status("old1")  # the outcome stays
+    assert after["state"] == "success" and after["image_urls"] == before["image_urls"]
+    status, body = await h.post(model_free(), "old1")  # still a replay: nothing runs twice
+    assert status == 200 and body["attempt"] == 1
+    assert h.comfy.prompt_queue.get_tasks_remaining() == 0
     assert (await h.status("new1"))["state"] == "success"
-    status, body = await h.post(model_free(), "old1")  # a forgotten id is a new job
-    assert status == 202 and body["attempt"] == 1
+
+
+async def test_an_id_retried_after_retention_goes_on_counting_attempts(make_harness):
+    h = await make_harness()
+    failing = dict(model_free(), **{
+        "3": {"class_type": "FailingNode", "inputs": {}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}},
+    })
+    await h.post(failing, "err1")
+    await h.wait_final("err1")
+    h.journal_sql("UPDATE jobs SET finished_at = finished_at - 31 * 86400")
+    await h.receiver.wait_for(1)
+    await h.settle()
+    assert await h.courier.prune() == 1
+    status, body = await h.post(failing, "err1")  # its images would go to err1/2-<n>
+    assert status == 202 and body["attempt"] == 2
+
+
+async def test_pruning_runs_at_start_up(make_harness, tmp_path):
+    first = await make_harness()
+    await finished_jobs(first, "boot1")
+    first.journal_sql("UPDATE jobs SET finished_at = finished_at - 31 * 86400")
+    second = await make_harness(base=tmp_path / "comfy2")
+    deadline = asyncio.get_running_loop().time() + 5
+    while journal_count(second, "SELECT count(*) FROM jobs WHERE workflow = ''") == 0:
+        assert asyncio.get_running_loop().time() < deadline, "nothing was pruned at start-up"
+        await asyncio.sleep(0.01)
 
 
 async def test_retention_zero_keeps_finished_jobs_forever(make_harness):
     h = await make_harness(env={"COURIER_RETENTION_DAYS": "0"})
-    await h.post(model_free(), "kept1")
-    await h.wait_final("kept1")
-    await h.receiver.wait_for(1)
-    await h.settle()
+    await finished_jobs(h, "kept1")
     h.journal_sql("UPDATE jobs SET finished_at = finished_at - 3650 * 86400")
     assert await h.courier.prune() == 0
-    assert (await h.status("kept1"))["state"] == "success"
+    assert journal_count(h, "SELECT count(*) FROM jobs WHERE workflow = ''") == 0

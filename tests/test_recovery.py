@@ -76,6 +76,8 @@ async def test_a_prompt_ending_after_the_loop_closed_is_left_to_the_journal(make
     try:
         h.courier._completion_from_worker(Completion(accepted["prompt_id"], "success"))
         h.courier._start_from_worker(accepted["prompt_id"])
+        h.courier._loop = None  # and a UI run before the courier started
+        h.courier._start_from_worker(accepted["prompt_id"])
     finally:
         h.courier._loop = loop
     assert (await h.status("late1"))["state"] == "queued"  # the next start recovers it
