@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_ID = "comfy-courier"
 WATCH_INTERVAL = 0.5
+CANCEL_POLL_TICKS = 4  # DELETEs that reached a sibling instance are read every 2 s
 JOURNAL_RETRY = (0.1, 0.5, 2.0, 5.0)  # waits between tries of a final-state write
 HEARTBEAT_INTERVAL = 15.0
 STALE_AFTER = 90.0  # an instance silent this long has its work adopted by a live one
@@ -337,27 +338,57 @@ class Courier:
             if job is None:
                 raise NotFound(f"no job with content_request_id {content_request_id!r}")
             run = self._runs.get(job.prompt_id)
+            if job.state in (JobState.QUEUED, JobState.RUNNING) and run is None:
+                if job.instance != self.instance:
+                    await self._cancel_elsewhere(job)
+                    return await self.status(content_request_id)
             if job.state not in (JobState.QUEUED, JobState.RUNNING) or run is None or run.completed:
                 raise Conflict(
                     f"job {content_request_id!r} has finished executing ({job.state.value}); "
                     "nothing to cancel",
                     state=job.state.value,
                 )
-            if job.prompt_id in self._unqueued or self.comfy.remove_pending(job.prompt_id):
-                run.completed = True
-                await self._finish(
-                    run, ErrorType.CANCELLED, "cancelled before it ran (DELETE request)"
-                )
-            else:
-                run.job.cancel_requested = True
-                await self.db(Journal.set_state, job.prompt_id, run.job.state, cancel_requested=1)
-                if not self.comfy.interrupt(job.prompt_id):
-                    log.warning(
-                        "[courier] cancel id=%s: prompt not running, waiting", content_request_id
-                    )
-            latest = await self.db(Journal.latest, content_request_id)
-            assert latest is not None
-            return await self._status(latest)
+            await self._cancel_run(run)
+            return await self.status(content_request_id)
+
+    async def _cancel_run(self, run: Run) -> None:
+        """Take a job of this process off the queue, or interrupt it while it runs."""
+        job = run.job
+        if job.prompt_id in self._unqueued or self.comfy.remove_pending(job.prompt_id):
+            run.completed = True
+            await self._finish(run, ErrorType.CANCELLED, "cancelled before it ran (DELETE request)")
+            return
+        job.cancel_requested = True
+        await self.db(Journal.set_state, job.prompt_id, job.state, cancel_requested=1)
+        if not self.comfy.interrupt(job.prompt_id):
+            log.warning(
+                "[courier] cancel id=%s: prompt not running, waiting", job.content_request_id
+            )
+
+    async def _cancel_elsewhere(self, job: Job) -> None:
+        """A job of another ComfyUI sharing this journal (one per GPU behind one address).
+
+        The request goes through the journal; that instance's queue watch acts on it.
+        """
+        if not await self.db(Journal.request_cancel, job.prompt_id):
+            raise Conflict(
+                f"job {job.content_request_id!r} has finished executing; nothing to cancel",
+                state=job.state.value,
+            )
+        log.info(
+            "[courier] cancel id=%s: asked instance %s through the journal",
+            job.content_request_id,
+            job.instance,
+        )
+
+    async def _apply_cancel_requests(self) -> None:
+        """Cancel the jobs of this process that a sibling instance was asked to cancel."""
+        for prompt_id in await self.db(Journal.cancel_requests, self.instance):
+            run = self._runs.get(prompt_id)
+            if run is None or run.completed or run.job.cancel_requested:
+                continue
+            if run.job.state in (JobState.QUEUED, JobState.RUNNING):  # not once it uploads
+                await self._cancel_run(run)
 
     # -- from ComfyUI's worker thread ---------------------------------------------------
 
@@ -720,9 +751,13 @@ class Courier:
     # -- watching the queue -------------------------------------------------------------
 
     async def _watch(self) -> None:
+        ticks = 0
         while True:
+            ticks += 1
             try:
                 await self.watch_once()
+                if self._runs and ticks % CANCEL_POLL_TICKS == 0:
+                    await self._apply_cancel_requests()
             except Exception:
                 log.exception("[courier] queue watch failed")
             await asyncio.sleep(WATCH_INTERVAL)

@@ -286,6 +286,25 @@ class Journal:
             )
         return cur.rowcount == 1
 
+    def request_cancel(self, prompt_id: str) -> bool:
+        """Flag a queued or running job for cancelling; False if it is past that."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET cancel_requested = 1"
+                " WHERE prompt_id = ? AND state IN ('queued', 'running')",
+                (prompt_id,),
+            )
+        return cur.rowcount == 1
+
+    def cancel_requests(self, instance: str) -> list[str]:
+        """Prompt ids of `instance`'s unfinished jobs flagged for cancelling."""
+        rows = self._db.execute(
+            "SELECT prompt_id FROM jobs WHERE instance = ?"
+            " AND state NOT IN ('success', 'error') AND cancel_requested = 1",
+            (instance,),
+        ).fetchall()
+        return [row[0] for row in rows]
+
     def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool:
         """The same attempt runs again under a new prompt_id after a restart.
 

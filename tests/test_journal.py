@@ -354,3 +354,16 @@ def test_a_job_that_ended_is_not_resubmitted(journal):
     journal.insert(make_job(cid="j2", prompt_id="p2"))
     assert journal.resubmitted("p2", "p2-again", 4.0) is True
     assert journal.latest("j2").prompt_id == "p2-again" and journal.latest("j2").runs == 2
+
+
+def test_cancel_requests_reach_the_owning_instance_only_while_it_can_act(journal):
+    journal.insert(make_job(cid="c1", prompt_id="p1", instance="a:1"))
+    journal.insert(make_job(cid="c2", prompt_id="p2", instance="b:2"))
+    assert journal.request_cancel("p1") and journal.request_cancel("p2")
+    assert journal.cancel_requests("a:1") == ["p1"]
+    journal.set_state("p1", JobState.UPLOADING)
+    assert journal.request_cancel("p1") is False  # past cancelling: its images are stored
+    job = journal.by_prompt("p2")
+    job.state, job.finished_at = JobState.SUCCESS, 5.0
+    journal.finish(job, None)
+    assert journal.cancel_requests("b:2") == [] and journal.request_cancel("p2") is False

@@ -6,7 +6,7 @@ import asyncio
 
 from comfy_courier.executor.comfy_port import Completion
 
-from conftest import model_free
+from conftest import API_KEY, model_free
 
 
 async def test_queued_job_is_resubmitted_after_a_restart(make_harness, tmp_path):
@@ -114,3 +114,21 @@ async def test_a_job_that_ends_during_a_recovery_pass_stays_ended(make_harness):
     await h.receiver.wait_for(1)
     await h.settle()
     assert [b["error_type"] for b in h.receiver.bodies("r1")] == ["cancelled"]
+
+
+async def test_a_delete_that_reaches_a_sibling_instance_cancels_the_job(make_harness, tmp_path):
+    # one ComfyUI per GPU behind one address: the DELETE may land on the other one
+    owner = await make_harness(start_worker=False)
+    await owner.post(model_free(), "sib1")
+    sibling = await make_harness(base=tmp_path / "comfy2", port=8189, start_worker=False)
+    resp = await sibling.client.delete("/execute-workflow/sib1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 202 and (await resp.json())["state"] == "queued"
+    await owner.courier._apply_cancel_requests()  # its queue watch does this every 2 s
+    assert owner.comfy.prompt_queue.get_tasks_remaining() == 0
+    final = await sibling.status("sib1")
+    assert final["state"] == "error" and final["error_type"] == "cancelled"
+    await owner.receiver.wait_for(1)
+    await owner.settle()
+    assert [b["error_type"] for b in owner.receiver.bodies("sib1")] == ["cancelled"]
+    resp = await sibling.client.delete("/execute-workflow/sib1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 409
