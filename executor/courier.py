@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -102,6 +105,7 @@ class Courier:
         # a dict for its order
         self._unqueued: dict[str, None] = {}
         self._admitting = 0  # requests between the queue-limit check and their insert
+        self._recent_runs: deque[float] = deque(maxlen=20)  # start to end, s (Retry-After)
         self._admit = GroupCommit(db, Journal.admit)
         self._done_seen: set[str] = set()  # written by ComfyUI's worker thread
         self._id_locks = KeyedLock()  # concurrent requests for one id never both run
@@ -306,7 +310,11 @@ class Courier:
         return (snapshot or self.comfy.queue_snapshot()).position(prompt_id)
 
     def _retry_after(self) -> int:
-        return 10
+        """Seconds until a place under COURIER_MAX_QUEUE likely frees: one job's run (start
+        to end, uploads included), the median of recent ones; 10 before any has ended."""
+        if not self._recent_runs:
+            return 10
+        return min(60, max(1, math.ceil(statistics.median(self._recent_runs))))
 
     # -- status and cancel --------------------------------------------------------------
 
@@ -725,6 +733,8 @@ class Courier:
         return None
 
     def _report_final(self, job: Job) -> None:
+        if job.started_at is not None and job.finished_at is not None:
+            self._recent_runs.append(max(0.0, job.finished_at - job.started_at))
         error = job.error_type.value if job.error_type else ""
         self.metrics.jobs_final.labels(job.state.value, error).inc()
         self.metrics.job_duration.observe(max(0.0, (job.finished_at or 0.0) - job.created_at))

@@ -209,6 +209,22 @@ async def test_queue_full_is_429_with_retry_after(make_harness):
     assert (await h.post(model_free(), "f1"))[0] == 200
 
 
+async def test_retry_after_follows_how_long_recent_jobs_ran(make_harness):
+    h = await make_harness(env={"COURIER_MAX_QUEUE": "1"})
+    await h.post(model_free(), "ra1")
+    await h.wait_final("ra1")
+    assert h.courier._retry_after() == 1  # a model-free job ends within a second
+    h.courier._recent_runs.extend([30.5, 41.2, 90.0])
+    assert h.courier._retry_after() == 36  # median of 4 runs (30.5 and 41.2), rounded up
+    h.courier._recent_runs.extend([600.0] * 5)
+    assert h.courier._retry_after() == 60  # a client checks back at least once a minute
+    h.comfy.stop()
+    await h.post(model_free(), "ra2")
+    resp = await h.client.post("/execute-workflow", headers={"X-API-Key": API_KEY},
+                               json={"workflow_json": model_free(), "content_request_id": "ra3"})
+    assert resp.status == 429 and resp.headers["Retry-After"] == "60"
+
+
 async def test_queue_limit_holds_under_concurrent_posts(make_harness):
     h = await make_harness(env={"COURIER_MAX_QUEUE": "5"}, start_worker=False)
     results = await asyncio.gather(*(h.post(model_free(), f"c{i}") for i in range(20)))
