@@ -286,6 +286,12 @@ class ComfyAdapter:
         get.__wrapped__ = original  # type: ignore[attr-defined]
         setattr(get, _WRAPPED, True)
         queue.get = get
+        # The idle worker has sat in the unwrapped get() since start-up (ComfyUI waits up
+        # to 1000 s), and would take the first job without this hook. Woken with an empty
+        # queue, ComfyUI's get() returns None, which its worker takes for a timeout; its
+        # next call is the wrapper.
+        with queue.not_empty:
+            queue.not_empty.notify_all()
 
     def on_progress(self, callback: Callable[[str, float], None]) -> None:
         """Call `callback(prompt_id, value/total)` on the worker thread for progress bars.

@@ -66,3 +66,39 @@ def test_base_url(tmp_path):
     a = ComfyAdapter(comfy, comfy.execution, comfy.folder_paths, lambda: None, lambda v: None,
                      listen="0.0.0.0", port=8190)
     assert a.base_url() == "http://127.0.0.1:8190" and a.listens_beyond_loopback()
+
+
+def test_the_start_hook_sees_the_first_job_after_start_up(tmp_path):
+    # ComfyUI's idle worker sits in one queue.get(timeout=1000) from start-up: installing
+    # the hook must wake it, or the first job is taken without the hook
+    import threading
+    import time
+
+    comfy = StandinComfy(tmp_path)
+    queue = comfy.prompt_queue
+    taken, started = [], []
+    waiting = threading.Event()
+
+    def worker():  # ComfyUI's prompt_worker loop, reduced to its queue calls
+        while len(taken) < 2:
+            waiting.set()
+            got = queue.get(timeout=1000.0)
+            taken.append(None if got is None else got[0][1])
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    waiting.wait(5)
+    for _ in range(500):  # until it waits inside the unwrapped get()
+        with queue.mutex:
+            if queue.not_empty._waiters:
+                break
+        time.sleep(0.01)
+    adapter = comfy.adapter()
+    adapter.on_start(started.append)
+    for _ in range(500):  # woken: its get() returned None, as on a timeout
+        if taken:
+            break
+        time.sleep(0.01)
+    adapter.enqueue("first", {}, {"client_id": "comfy-courier"}, ["2"])
+    thread.join(10)
+    assert taken == [None, "first"] and started == ["first"]
