@@ -7,6 +7,7 @@ in-memory `_runs` map only holds the upload tasks of jobs this process is runnin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -283,9 +284,11 @@ class Courier:
         except Exception as e:
             log.exception("[courier] ComfyUI did not queue id=%s", job.content_request_id)
             # The put may have failed after queueing it (in ComfyUI's queue_updated): take
-            # it back; one already running ends through the worker as usual.
-            removed = self.comfy.remove_pending(job.prompt_id)
-            if not removed and job.prompt_id in self.comfy.queue_snapshot():
+            # it back. The removal calls queue_updated too, so it may fail the same way; a
+            # job still queued, or already run, ends through the worker as usual.
+            with contextlib.suppress(Exception):
+                self.comfy.remove_pending(job.prompt_id)
+            if job.prompt_id in self.comfy.queue_snapshot() or job.prompt_id in self._done_seen:
                 return
             run.completed = True
             self._spawn(self._finish(run, ErrorType.LOST, f"ComfyUI did not queue it: {e}"))
@@ -378,7 +381,7 @@ class Courier:
 
         The request goes through the journal; that instance's queue watch acts on it.
         """
-        if not await self.db(Journal.request_cancel, job.prompt_id):
+        if not await self.db(Journal.request_cancel, job.content_request_id, job.attempt):
             raise Conflict(
                 f"job {job.content_request_id!r} has finished executing; nothing to cancel",
                 state=job.state.value,
@@ -907,19 +910,19 @@ class Courier:
     async def _recover(self, job: Job) -> None:
         workflow = json.loads(job.workflow)
         run = Run(job, intake.uses_courier_node(workflow), completed=True)
-        if job.cancel_requested and job.state is not JobState.UPLOADING:
+        if job.state is JobState.UPLOADING and await self._resume_uploads(run):
+            log.info(
+                "[courier] recovered uploads id=%s attempt=%s", job.content_request_id, job.attempt
+            )
+            self._spawn(self._finish_uploads(run))
+            return
+        if job.cancel_requested:  # never run again what was asked to stop
             self._runs[job.prompt_id] = run
             await self._finish(
                 run,
                 ErrorType.CANCELLED,
                 "cancelled while running (DELETE request); ComfyUI stopped before the prompt ended",
             )
-            return
-        if job.state is JobState.UPLOADING and await self._resume_uploads(run):
-            log.info(
-                "[courier] recovered uploads id=%s attempt=%s", job.content_request_id, job.attempt
-            )
-            self._spawn(self._finish_uploads(run))
             return
         if job.runs >= self.settings.max_attempts:
             self._runs[job.prompt_id] = run

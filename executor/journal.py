@@ -25,9 +25,10 @@ from .jobs import CallbackSummary, ErrorType, Job, JobState, Output
 # 9 values a job row: 900 stays under the 999 bound values of SQLite builds before 3.32
 _ROWS_PER_STATEMENT = 100
 
-# 2: outbox_dead index; 3: jobs_prunable index (retention). Each version's statements are
-# idempotent, so one pass over _SCHEMA migrates any older journal.
-SCHEMA_VERSION = 3
+# 2: outbox_dead index; 4: jobs_prunable index (retention; 3 was a development version
+# with an index of every finished job). Each version's statements are idempotent, so one
+# pass over _SCHEMA migrates any older journal.
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -55,6 +56,7 @@ CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (instance, state)
     WHERE state NOT IN ('success', 'error');
 CREATE INDEX IF NOT EXISTS jobs_prunable ON jobs (finished_at)
     WHERE state IN ('success', 'error') AND workflow <> '';
+DROP INDEX IF EXISTS jobs_finished;
 CREATE TABLE IF NOT EXISTS images (
     content_request_id TEXT NOT NULL,
     attempt INTEGER NOT NULL,
@@ -286,13 +288,16 @@ class Journal:
             )
         return cur.rowcount == 1
 
-    def request_cancel(self, prompt_id: str) -> bool:
-        """Flag a queued or running job for cancelling; False if it is past that."""
+    def request_cancel(self, content_request_id: str, attempt: int) -> bool:
+        """Flag a queued or running attempt for cancelling; False if it is past that.
+
+        By attempt, not prompt_id: the owner's recovery may give it a new prompt_id.
+        """
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET cancel_requested = 1"
-                " WHERE prompt_id = ? AND state IN ('queued', 'running')",
-                (prompt_id,),
+                "UPDATE jobs SET cancel_requested = 1 WHERE content_request_id = ?"
+                " AND attempt = ? AND state IN ('queued', 'running')",
+                (content_request_id, attempt),
             )
         return cur.rowcount == 1
 
@@ -387,10 +392,12 @@ class Journal:
         with self._tx() as db:
             rows = db.execute(_PRUNABLE, (finished_before, limit)).fetchall()
             keys = [(r["content_request_id"], r["attempt"]) for r in rows]
+            # with every earlier attempt: those finished first, and slimmed ones left the index
             for table in ("images", "outbox"):
                 db.executemany(
-                    f"DELETE FROM {table} WHERE content_request_id = ? AND attempt = ?", keys
+                    f"DELETE FROM {table} WHERE content_request_id = ? AND attempt <= ?", keys
                 )
+            db.executemany("DELETE FROM jobs WHERE content_request_id = ? AND attempt < ?", keys)
             db.executemany(
                 "DELETE FROM jobs WHERE content_request_id = ? AND attempt = ? AND attempt <"
                 " (SELECT max(attempt) FROM jobs WHERE content_request_id = ?)",

@@ -232,6 +232,25 @@ async def test_a_put_that_fails_after_queueing_takes_the_job_back(make_harness):
     assert h.comfy.prompt_queue.get_tasks_remaining() == 0  # it will not run after all
 
 
+async def test_a_failed_put_whose_take_back_fails_too_is_still_lost(make_harness):
+    h = await make_harness(start_worker=False)
+    queue = h.comfy.prompt_queue
+    put, delete = queue.put, queue.delete_queue_item
+
+    def queue_then_fail(item):
+        put(item)
+        raise RuntimeError("queue_updated failed")
+
+    def delete_then_fail(match):  # ComfyUI's delete_queue_item calls queue_updated too
+        delete(match)
+        raise RuntimeError("queue_updated failed")
+
+    queue.put, queue.delete_queue_item = queue_then_fail, delete_then_fail
+    assert (await h.post(model_free(), "rf3"))[0] == 202
+    [cb] = await final_callbacks(h, "rf3")
+    assert cb["error_type"] == "lost" and queue.get_tasks_remaining() == 0
+
+
 async def test_interrupt_from_the_ui_is_reported(make_harness):
     h = await make_harness()
     await h.post(slow_workflow(5), "int1")

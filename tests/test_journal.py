@@ -328,18 +328,30 @@ def test_prune_reads_the_prunable_jobs_index(journal):
     assert "jobs_prunable" in plan  # a batch never scans the workflows of every job
 
 
-def test_version_2_journal_gains_the_prunable_jobs_index(tmp_path):
-    j = Journal(tmp_path / "v2.sqlite3")
+@pytest.mark.parametrize("version", [2, 3])  # 3: a development journal, index of all finished
+def test_older_journals_gain_the_prunable_jobs_index(tmp_path, version):
+    j = Journal(tmp_path / "old.sqlite3")
     j._db.execute("DROP INDEX jobs_prunable")
-    j._db.execute("PRAGMA user_version = 2")
+    if version == 3:
+        j._db.execute("CREATE INDEX jobs_finished ON jobs (finished_at)"
+                      " WHERE state IN ('success', 'error')")
+    j._db.execute(f"PRAGMA user_version = {version}")
     finished(j, "kept", 100.0, "delivered")
     j.close()
-    j = Journal(tmp_path / "v2.sqlite3")
+    j = Journal(tmp_path / "old.sqlite3")
     names = {r[0] for r in j._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert "jobs_prunable" in names
+    assert "jobs_prunable" in names and "jobs_finished" not in names
     assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert j.prune(1000.0, 10) == 1
     j.close()
+
+
+def test_an_id_retried_after_its_prune_loses_the_slimmed_attempt_too(journal):
+    finished(journal, "again", 100.0, "delivered", state=JobState.ERROR)
+    assert journal.prune(500.0, 10) == 1  # attempt 1 slimmed, kept as the outcome
+    finished(journal, "again", 200.0, "delivered", attempt=2)
+    assert journal.prune(500.0, 10) == 1
+    assert rows(journal, "jobs") == ["again/2"]
 
 
 def test_a_job_that_ended_is_not_resubmitted(journal):
@@ -359,11 +371,13 @@ def test_a_job_that_ended_is_not_resubmitted(journal):
 def test_cancel_requests_reach_the_owning_instance_only_while_it_can_act(journal):
     journal.insert(make_job(cid="c1", prompt_id="p1", instance="a:1"))
     journal.insert(make_job(cid="c2", prompt_id="p2", instance="b:2"))
-    assert journal.request_cancel("p1") and journal.request_cancel("p2")
+    assert journal.request_cancel("c1", 1) and journal.request_cancel("c2", 1)
     assert journal.cancel_requests("a:1") == ["p1"]
-    journal.set_state("p1", JobState.UPLOADING)
-    assert journal.request_cancel("p1") is False  # past cancelling: its images are stored
+    journal.resubmitted("p1", "p1-again", 4.0)  # the owner restarted: the flag stays
+    assert journal.cancel_requests("a:1") == ["p1-again"] and journal.request_cancel("c1", 1)
+    journal.set_state("p1-again", JobState.UPLOADING)
+    assert journal.request_cancel("c1", 1) is False  # past cancelling: its images are stored
     job = journal.by_prompt("p2")
     job.state, job.finished_at = JobState.SUCCESS, 5.0
     journal.finish(job, None)
-    assert journal.cancel_requests("b:2") == [] and journal.request_cancel("p2") is False
+    assert journal.cancel_requests("b:2") == [] and journal.request_cancel("c2", 1) is False

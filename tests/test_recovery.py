@@ -123,12 +123,24 @@ async def test_a_delete_that_reaches_a_sibling_instance_cancels_the_job(make_har
     sibling = await make_harness(base=tmp_path / "comfy2", port=8189, start_worker=False)
     resp = await sibling.client.delete("/execute-workflow/sib1", headers={"X-API-Key": API_KEY})
     assert resp.status == 202 and (await resp.json())["state"] == "queued"
-    await owner.courier._apply_cancel_requests()  # its queue watch does this every 2 s
+    final = await sibling.wait_final("sib1")  # the owner's queue watch reads it within 2 s
+    assert final["error_type"] == "cancelled"
     assert owner.comfy.prompt_queue.get_tasks_remaining() == 0
-    final = await sibling.status("sib1")
-    assert final["state"] == "error" and final["error_type"] == "cancelled"
     await owner.receiver.wait_for(1)
     await owner.settle()
     assert [b["error_type"] for b in owner.receiver.bodies("sib1")] == ["cancelled"]
     resp = await sibling.client.delete("/execute-workflow/sib1", headers={"X-API-Key": API_KEY})
     assert resp.status == 409
+
+
+async def test_a_cancelled_job_whose_uploads_cannot_resume_is_not_run_again(make_harness,
+                                                                            tmp_path):
+    first = await make_harness(start_worker=False)
+    await first.post(model_free(), "cu2")
+    first.comfy.stop()  # died while uploading, after a DELETE; its saved file is gone
+    first.journal_sql("UPDATE jobs SET state = 'uploading', cancel_requested = 1,"
+                      " expected_images = 1 WHERE content_request_id = 'cu2'")
+    second = await make_harness(base=tmp_path / "comfy2", start_worker=False)
+    final = await second.wait_final("cu2")
+    assert final["error_type"] == "cancelled"
+    assert second.comfy.prompt_queue.get_tasks_remaining() == 0
