@@ -320,12 +320,16 @@ def test_prune_goes_oldest_first_in_batches(journal):
     assert len(rows(journal, "jobs", "workflow = ''")) == 5 and journal.prune(1000.0, 2) == 0
 
 
-def test_prune_reads_the_prunable_jobs_index(journal):
-    from comfy_courier.executor.journal import _PRUNABLE
+@pytest.mark.parametrize("query, params, index", [
+    ("_PRUNABLE", (1.0, 5), "jobs_prunable"),  # a batch never scans every job's workflow
+    ("_CANCEL_REQUESTS", ("a:1",), "jobs_cancel_requested"),  # not every queued job
+])
+def test_periodic_queries_read_their_own_index(journal, query, params, index):
+    from comfy_courier.executor import journal as module
 
     plan = " ".join(str(tuple(r)) for r in journal._db.execute(
-        "EXPLAIN QUERY PLAN " + _PRUNABLE, (1.0, 5)))
-    assert "jobs_prunable" in plan  # a batch never scans the workflows of every job
+        "EXPLAIN QUERY PLAN " + getattr(module, query), params))
+    assert f"USING INDEX {index}" in plan
 
 
 @pytest.mark.parametrize("version", [2, 3])  # 3: a development journal, index of all finished
