@@ -853,10 +853,10 @@ class Courier:
             await asyncio.sleep(PRUNE_INTERVAL)
 
     async def prune(self) -> int:
-        """Forget finished jobs older than COURIER_RETENTION_DAYS; returns how many.
+        """Slim finished jobs older than COURIER_RETENTION_DAYS to their outcome; how many.
 
-        Without it the journal grows by ~3 KB a job forever. One batch per journal call,
-        so an admission waits behind one batch at most.
+        Without it the journal grows by ~3 KB a job forever, with it by ~0.4 KB. One
+        batch per journal call, so an admission waits behind one batch at most.
         """
         days = self.settings.retention_days
         if not days:
@@ -866,11 +866,12 @@ class Courier:
         while True:
             pruned = await self.db(Journal.prune, cutoff, PRUNE_BATCH)
             total += pruned
+            self.metrics.jobs_pruned.inc(pruned)
             if pruned < PRUNE_BATCH:
                 break
             await asyncio.sleep(PRUNE_PAUSE)
         if total:
-            log.info("[courier] forgot %d jobs that finished over %g days ago", total, days)
+            log.info("[courier] pruned %d jobs that finished over %g days ago", total, days)
         return total
 
     async def adopt_orphans(self) -> list[str]:

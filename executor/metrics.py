@@ -45,6 +45,11 @@ class Metrics:
         self.upload_failures = Counter(
             "courier_upload_failures", "Images that could not be stored", registry=self.registry
         )
+        self.jobs_pruned = Counter(
+            "courier_jobs_pruned",
+            "Finished jobs slimmed to their outcome after COURIER_RETENTION_DAYS",
+            registry=self.registry,
+        )
         self.callback_attempts = Counter(
             "courier_callback_attempts",
             "Final-callback delivery attempts, by outcome",

@@ -108,6 +108,8 @@ async def test_retention_slims_old_jobs_and_keeps_their_outcome(make_harness):
                   " WHERE content_request_id = 'old1'")
     assert await h.courier.prune() == 1
     assert journal_count(h, "SELECT count(*) FROM jobs WHERE workflow = ''") == 1
+    metrics = await h.client.get("/courier/metrics", headers={"X-API-Key": API_KEY})
+    assert "courier_jobs_pruned_total 1.0" in await metrics.text()
     assert journal_count(h, "SELECT count(*) FROM outbox") == 1  # new1's
     after = await h.status("old1")  # the outcome stays
     assert after["state"] == "success" and after["image_urls"] == before["image_urls"]
