@@ -102,8 +102,8 @@ class Courier:
             ).inc()
         self.ready = asyncio.Event()
         self._runs: dict[str, Run] = {}  # also the queue limit's count of unfinished jobs
-        # answered, and put on ComfyUI's queue a loop pass later (_enqueue_after_answer);
-        # a dict for its order
+        # admitted, and put on ComfyUI's queue once its 202 is written (_put_admitted); a
+        # dict for its order
         self._unqueued: dict[str, None] = {}
         self._admitting = 0  # requests between the queue-limit check and their insert
         self._recent_runs: deque[float] = deque(maxlen=20)  # start to end, s (Retry-After)
@@ -193,7 +193,9 @@ class Courier:
                 # retry then gets a replay).
                 uses_node = intake.uses_courier_node(request.workflow)
                 blocking, position = await self._admit(
-                    job, partial(self._enqueue_admitted, job, prompt, outputs, uses_node)
+                    job,
+                    partial(self._enqueue_admitted, job, uses_node),
+                    partial(self._put_admitted, job, prompt, outputs),
                 )
                 if blocking is not None:
                     return await self._replay(blocking, request)
@@ -211,18 +213,50 @@ class Courier:
         return 202, body
 
     def _enqueue_admitted(
+        self, job: Job, uses_node: bool, admitted: Job | int
+    ) -> tuple[Job | None, int]:
+        """Once the journal has answered: register the job, unless an attempt blocks it.
+
+        Registered now, with the place in the queue it will have; put on ComfyUI's queue
+        by `_put_admitted` just after this request's task has written its 202. A put
+        wakes ComfyUI's idle worker thread, which takes the GIL at the loop's next pause
+        and keeps it for milliseconds while the prompt starts: put before the answer,
+        half the 202s waited ~2.4 ms for it (measured on 0.33.0).
+        """
+        if isinstance(admitted, Job):
+            return admitted, 0
+        job.attempt = admitted
+        position = self.comfy.queue_length() + len(self._unqueued)
+        self._runs[job.prompt_id] = Run(job, uses_node)
+        self._unqueued[job.prompt_id] = None
+        return None, position
+
+    def _put_admitted(
         self,
         job: Job,
         prompt: dict[str, Any],
         outputs: list[str],
-        uses_node: bool,
-        admitted: Job | int,
-    ) -> tuple[Job | None, int]:
-        """Once the journal has answered: queue the job, unless an attempt blocks it."""
-        if isinstance(admitted, Job):
-            return admitted, 0
-        job.attempt = admitted
-        return None, self._enqueue_after_answer(job, prompt, outputs, uses_node)
+        answer: tuple[Job | None, int],
+    ) -> None:
+        if answer[0] is not None:
+            return  # a replay or a conflict: nothing was admitted
+        del self._unqueued[job.prompt_id]
+        run = self._runs.get(job.prompt_id)
+        if run is None or run.completed:
+            return  # cancelled meanwhile
+        try:
+            self._put(job, prompt, outputs)
+        except Exception as e:
+            log.exception("[courier] ComfyUI did not queue id=%s", job.content_request_id)
+            # The put may have failed after queueing it (in ComfyUI's queue_updated): take
+            # it back. The removal calls queue_updated too, so it may fail the same way; a
+            # job still queued, or already run, ends through the worker as usual.
+            with contextlib.suppress(Exception):
+                self.comfy.remove_pending(job.prompt_id)
+            if job.prompt_id in self.comfy.queue_snapshot() or job.prompt_id in self._done_seen:
+                return
+            run.completed = True
+            self._spawn(self._finish(run, ErrorType.LOST, f"ComfyUI did not queue it: {e}"))
 
     async def _duplicate_answer(self, request: intake.Request) -> tuple[int, dict[str, Any]] | None:
         """The duplicate rule's answer for `request` (200 replay, or raises 409), if any."""
@@ -255,43 +289,6 @@ class Courier:
             }
             raise WorkflowRejected(error, result.node_errors)
         return prompt, result.outputs
-
-    def _enqueue_after_answer(
-        self, job: Job, prompt: dict[str, Any], outputs: list[str], uses_node: bool
-    ) -> int:
-        """Queue an accepted job once its 202 is written; returns the position it will have.
-
-        A put wakes ComfyUI's idle worker thread, which takes the GIL at the loop's next
-        pause and keeps it for milliseconds while the prompt starts. Put before the answer,
-        half the 202s waited ~2.4 ms for it (measured on 0.33.0). Here the request's task
-        resumes on the loop's next pass and writes its answer in that step; the put runs
-        one pass later, whether or not the request is still there.
-        """
-        position = self.comfy.queue_length() + len(self._unqueued)
-        self._runs[job.prompt_id] = Run(job, uses_node)
-        self._unqueued[job.prompt_id] = None
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, self._put_accepted, job, prompt, outputs)
-        return position
-
-    def _put_accepted(self, job: Job, prompt: dict[str, Any], outputs: list[str]) -> None:
-        del self._unqueued[job.prompt_id]
-        run = self._runs.get(job.prompt_id)
-        if run is None or run.completed:
-            return  # cancelled meanwhile
-        try:
-            self._put(job, prompt, outputs)
-        except Exception as e:
-            log.exception("[courier] ComfyUI did not queue id=%s", job.content_request_id)
-            # The put may have failed after queueing it (in ComfyUI's queue_updated): take
-            # it back. The removal calls queue_updated too, so it may fail the same way; a
-            # job still queued, or already run, ends through the worker as usual.
-            with contextlib.suppress(Exception):
-                self.comfy.remove_pending(job.prompt_id)
-            if job.prompt_id in self.comfy.queue_snapshot() or job.prompt_id in self._done_seen:
-                return
-            run.completed = True
-            self._spawn(self._finish(run, ErrorType.LOST, f"ComfyUI did not queue it: {e}"))
 
     def _enqueue(
         self, job: Job, prompt: dict[str, Any], outputs: list[str], uses_node: bool

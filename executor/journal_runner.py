@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 T = TypeVar("T")
 X = TypeVar("X")
+_Then = Callable[[T], Any] | None
+_After = Callable[[Any], None] | None
 
 
 class JournalRunner(Protocol):
@@ -48,6 +50,9 @@ class GroupCommit(Generic[X, T]):
 
     A call's `then` runs on the loop as soon as its result is written, even if the caller
     was cancelled meanwhile: what must follow a commit cannot be lost between the two.
+    Its `after` runs with `then`'s value just after the caller has resumed with it (in
+    the same loop pass), or at once if the caller is gone: for what must not delay the
+    caller, like waking ComfyUI's worker before a request's answer is written.
     """
 
     def __init__(
@@ -61,18 +66,25 @@ class GroupCommit(Generic[X, T]):
         self._many = many
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._waiting: list[tuple[X, asyncio.Future[Any], Callable[[T], Any] | None]] = []
+        self._waiting: list[tuple[X, asyncio.Future[Any], _Then[T], _After]] = []
         self._writers: set[asyncio.Task[Any]] = set()  # held: the loop keeps weak refs
 
     @overload
     async def __call__(self, item: X) -> T: ...
 
     @overload
-    async def __call__(self, item: X, then: Callable[[T], R]) -> R: ...
+    async def __call__(
+        self, item: X, then: Callable[[T], R], after: Callable[[R], None] | None = None
+    ) -> R: ...
 
-    async def __call__(self, item: X, then: Callable[[T], Any] | None = None) -> Any:
+    async def __call__(
+        self,
+        item: X,
+        then: Callable[[T], Any] | None = None,
+        after: Callable[[Any], None] | None = None,
+    ) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future, then))
+        self._waiting.append((item, future, then, after))
         if len(self._writers) < self._max_in_flight:
             self._writers.add(asyncio.ensure_future(self._write()))
         return await future
@@ -83,21 +95,21 @@ class GroupCommit(Generic[X, T]):
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
                 try:
-                    results = await self._db(self._many, [item for item, _, _ in batch])
+                    results = await self._db(self._many, [item for item, *_ in batch])
                 except Exception as e:
                     if len(batch) == 1:
                         _fail(batch[0][1], e)
                         continue
-                    for item, future, then in batch:
+                    for item, future, then, after in batch:
                         try:
                             result = (await self._db(self._many, [item]))[0]
                         except Exception as one:
                             _fail(future, one)
                             continue
-                        _settle(future, then, result)
+                        _settle(future, then, after, result)
                     continue
-                for (_, future, then), result in zip(batch, results, strict=True):
-                    _settle(future, then, result)
+                for (_, future, then, after), result in zip(batch, results, strict=True):
+                    _settle(future, then, after, result)
         finally:
             # here, not in a done callback: a call arriving between this writer's last
             # check of _waiting and a callback's run would find no writer to take it
@@ -106,7 +118,7 @@ class GroupCommit(Generic[X, T]):
             self._writers.discard(writer)
 
 
-def _settle(future: asyncio.Future[Any], then: Callable[[T], Any] | None, result: T) -> None:
+def _settle(future: asyncio.Future[Any], then: _Then[T], after: _After, result: T) -> None:
     try:
         value = result if then is None else then(result)
     except Exception as e:
@@ -115,6 +127,16 @@ def _settle(future: asyncio.Future[Any], then: Callable[[T], Any] | None, result
         _fail(future, e)
         return
     _resolve(future, value)
+    if after is not None:
+        # Scheduled behind the caller's own wake-up, which _resolve has just scheduled.
+        future.add_done_callback(lambda _: _run_after(after, value))
+
+
+def _run_after(after: Callable[[Any], None], value: Any) -> None:
+    try:
+        after(value)
+    except Exception:
+        log.exception("[courier] follow-up of a journal write failed")
 
 
 def _resolve(future: asyncio.Future[T], result: T) -> None:

@@ -211,6 +211,34 @@ async def test_group_commit_runs_then_even_when_the_caller_gave_up(tmp_path):
     db.close()
 
 
+async def test_group_commit_runs_after_once_the_caller_resumed_or_gave_up(tmp_path):
+    import asyncio
+
+    from comfy_courier.executor.journal_runner import GroupCommit
+    from comfy_courier.executor.journal_thread import JournalThread
+
+    db = JournalThread(lambda: Journal(tmp_path / "a.sqlite3"))
+    commit = GroupCommit(db, Journal.admit)
+    events: list[str] = []
+
+    async def caller(cid):
+        await commit(make_job(cid, attempt=0, prompt_id=f"p-{cid}"),
+                     lambda admitted: f"{cid}:{admitted}", lambda v: events.append(v))
+        events.append(f"{cid} resumed")  # before `after`, in the same step as the answer
+
+    await caller("a1")
+    assert events == ["a1 resumed"]  # `after` waits for the end of the caller's step
+    await asyncio.sleep(0)
+    assert events == ["a1 resumed", "a1:1"]
+    gone = asyncio.ensure_future(caller("a2"))
+    await asyncio.sleep(0)  # the write is under way
+    gone.cancel()
+    while len(events) < 3:
+        await asyncio.sleep(0.01)
+    assert gone.cancelled() and events[2] == "a2:1"  # the caller is gone: `after` still runs
+    db.close()
+
+
 def test_version_1_journal_gains_the_dead_letter_index(tmp_path):
     j = Journal(tmp_path / "v1.sqlite3")
     j._db.execute("DROP INDEX outbox_dead")
