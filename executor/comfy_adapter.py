@@ -191,12 +191,12 @@ class ComfyAdapter:
 
     def enqueue(
         self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
-    ) -> int:
-        # By now ComfyUI has installed its own progress hook; the idle worker may sit in one
-        # long queue.get() call from start-up, so the get wrapper alone would miss this job.
+    ) -> None:
+        # By now ComfyUI has installed its own progress hook. The get wrapper chains ours
+        # too, but a worker that on_start could not wake (a get() without a timeout) would
+        # take this job unwrapped.
         self._chain_progress_hook()
-        # The queue's lock is re-entrant: holding it from taking the number to reading the
-        # lengths makes this job the last in line, so its position needs no scan of the queue.
+        # The queue's lock is re-entrant: numbers are taken in the order jobs are queued.
         with self.queue.mutex:
             number = self.server.number
             self.server.number += 1
@@ -205,7 +205,6 @@ class ComfyAdapter:
                 item += ({},)  # `sensitive`: the courier never puts secrets in a job
             if self.queue.put(item) is False:  # some newer queues refuse a reused prompt_id
                 raise RuntimeError(f"ComfyUI refused to queue prompt {prompt_id}")
-            return len(self.queue.currently_running) + len(self.queue.queue) - 1
 
     # -- the queue ----------------------------------------------------------------------
 

@@ -69,8 +69,8 @@ class ComfyPort(Protocol):
 
     def enqueue(
         self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
-    ) -> int:
-        """Queue the prompt; returns its queue position at that moment."""
+    ) -> None:
+        """Queue the prompt, last in line."""
 
     def queue_length(self) -> int:
         """Prompts running or pending now."""
