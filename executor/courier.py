@@ -346,11 +346,11 @@ class Courier:
             if job is None:
                 raise NotFound(f"no job with content_request_id {content_request_id!r}")
             run = self._runs.get(job.prompt_id)
-            if job.state in (JobState.QUEUED, JobState.RUNNING) and run is None:
-                if job.instance != self.instance:
-                    await self._cancel_elsewhere(job)
-                    return await self.status(content_request_id)
-            if job.state not in (JobState.QUEUED, JobState.RUNNING) or run is None or run.completed:
+            cancellable = job.state in (JobState.QUEUED, JobState.RUNNING)
+            if cancellable and run is None and job.instance != self.instance:
+                await self._cancel_elsewhere(job)
+                return await self.status(content_request_id)
+            if not cancellable or run is None or run.completed:
                 raise Conflict(
                     f"job {content_request_id!r} has finished executing ({job.state.value}); "
                     "nothing to cancel",
