@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -384,6 +385,16 @@ class Journal:
                 )
         return True
 
+    @cached_property
+    def _slim_statement(self) -> str:
+        """prune's rewrite of a jobs row without its workflow (every other column kept)."""
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(jobs)")]
+        values = ", ".join("''" if c == "workflow" else c for c in columns)
+        return (
+            f"INSERT OR REPLACE INTO jobs ({', '.join(columns)}) SELECT {values}"
+            " FROM jobs WHERE content_request_id = ? AND attempt = ?"
+        )
+
     def prune(self, finished_before: float, limit: int) -> int:
         """Slim up to `limit` final attempts that finished before `finished_before`.
 
@@ -411,13 +422,7 @@ class Journal:
             # Rewritten, not updated in place: a shrunk row would leave its page mostly
             # empty and never reused (new rows go to the end), so the file would keep
             # growing; rewritten rows pack together and the emptied pages are reused.
-            columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
-            values = ", ".join("''" if c == "workflow" else c for c in columns)
-            db.executemany(
-                f"INSERT OR REPLACE INTO jobs ({', '.join(columns)}) SELECT {values}"
-                " FROM jobs WHERE content_request_id = ? AND attempt = ?",
-                keys,
-            )
+            db.executemany(self._slim_statement, keys)
         return len(keys)
 
     # -- images -------------------------------------------------------------------------
