@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from .executor.errors import (
     NotConfigured,
     PayloadTooLarge,
     QueueFull,
+    StoreError,
     Unauthorized,
     Unavailable,
 )
@@ -92,9 +92,7 @@ def add_routes(
                 if courier is None:
                     raise Unavailable("comfy-courier failed to start; see the ComfyUI log")
                 return await handler(request, courier)
-            except CourierError as e:
-                return error_response(e)
-            except sqlite3.Error as e:  # the request may or may not be recorded: retry it
+            except StoreError as e:  # the request may or may not be recorded: retry it
                 log.error("[courier] %s %s: journal failed: %s", request.method, request.path, e)
                 return error_response(
                     Unavailable(
@@ -102,6 +100,8 @@ def add_routes(
                         "content_request_id (a job already accepted is never run twice)"
                     )
                 )
+            except CourierError as e:
+                return error_response(e)
             except Exception:
                 log.exception("[courier] %s %s failed", request.method, request.path)
                 return web.json_response(

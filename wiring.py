@@ -18,13 +18,12 @@ from .executor.comfy_adapter import ComfyAdapter
 from .executor.courier import Courier
 from .executor.delivery import DEFAULT_SCHEDULE, Deliverer
 from .executor.errors import UnsupportedComfyUI
-from .executor.journal_process import JournalProcess
-from .executor.journal_runner import JournalRunner
-from .executor.journal_thread import JournalThread, Opener
 from .executor.settings import Settings
 from .executor.status_updates import StatusNotifier
 from .executor.storage import Storage
 from .executor.storage.local import LocalStorage
+from .executor.store import Store
+from .executor.store.sqlite import open_sqlite
 
 log = logging.getLogger("comfy_courier")
 
@@ -72,15 +71,15 @@ def build_courier(
     """Everything the courier needs, from settings; shared by ComfyUI start-up and tests.
 
     `journal_thread` runs the journal on a thread of this process, where a test can patch
-    `Journal`'s methods; otherwise it runs in a child process (journal_process.py).
+    `Journal`'s methods; otherwise it runs in a child process (store/sqlite/process.py).
     """
     path = settings.db_path or adapter.user_directory() / "courier" / "courier.sqlite3"
-    db: JournalRunner = JournalThread(Opener(path)) if journal_thread else JournalProcess(path)
+    store: Store = open_sqlite(path, on_thread=journal_thread)
     instance = settings.instance or adapter.instance_name()
     deliverer = None
     if settings.callback_url:
         deliverer = Deliverer(
-            db,
+            store,
             instance,
             settings.callback_url,
             settings.callback_api_key,
@@ -101,15 +100,14 @@ def build_courier(
     courier = Courier(
         settings,
         adapter,
-        db,
+        store,
         build_storage(settings, adapter),
         instance,
         deliverer,
         status=status,
         upload_schedule=upload_schedule,
     )
-    if isinstance(db, JournalProcess):
-        db.on_lost = courier.journal_lost
+    store.on_lost = courier.journal_lost
     return courier
 
 

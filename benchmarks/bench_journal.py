@@ -3,8 +3,8 @@
 Target (issue 7): with 100k finished jobs in the journal, no growth in resident memory and no
 slowdown of intake, measured against an empty journal.
 
-Method: two journals, one empty and one filled through executor.journal.Journal with the
-same calls a real job makes (insert, record_image, set_state running/uploading,
+Method: two journals, one empty and one filled through executor.store.sqlite.journal.Journal
+with the same calls a real job makes (insert, record_image, set_state running/uploading,
 record_image with the URL, finish with its callback event, record_delivery), using the
 txt2img sample workflow as the stored workflow. Two servers, A (empty) and B (100k), are
 started one after the other (start-up time of each is reported), then measured side by side:
@@ -59,7 +59,8 @@ def fill(path: Path, rows: int, instance: str) -> dict[str, float]:
     """`rows` finished jobs, written with the journal's own methods (one transaction each)."""
     use_repo_package()
     from comfy_courier.executor.jobs import Job, JobState, Output, callback_body
-    from comfy_courier.executor.journal import Journal, OutboxEvent
+    from comfy_courier.executor.store import OutboxEvent
+    from comfy_courier.executor.store.sqlite.journal import Journal
 
     journal = Journal(path)
     wf = json.dumps(workflow_for_fill(), sort_keys=True, separators=(",", ":"))
@@ -119,8 +120,8 @@ def prune_all(path: Path) -> dict[str, Any]:
     """Prune every job, in the batches the courier uses: how long each holds the journal,
     and the bytes in use before and after (SQLite keeps the freed pages for reuse)."""
     use_repo_package()
-    from comfy_courier.executor.courier import PRUNE_BATCH
-    from comfy_courier.executor.journal import Journal
+    from comfy_courier.executor.retention import PRUNE_BATCH
+    from comfy_courier.executor.store.sqlite.journal import Journal
 
     journal = Journal(path)
 
@@ -228,7 +229,7 @@ def main() -> int:
         for db in dbs.values():
             db.parent.mkdir(parents=True)
         use_repo_package()
-        from comfy_courier.executor.journal import Journal
+        from comfy_courier.executor.store.sqlite.journal import Journal
 
         Journal(dbs["A"]).close()
         filled = fill(dbs["B"], rows, f"{host}:{ports['B']}")

@@ -156,7 +156,7 @@ async def run(jobs: int, fail: float, slow: float, drop: float, seed: int) -> di
     await courier.stop()
     await client.close()
     await recv_server.close()
-    await courier.db.aclose()
+    await courier.store.aclose()
     return result
 
 

@@ -135,7 +135,7 @@ def instrument(comfy: StandinComfy) -> None:
     import time
 
     from comfy_courier.executor.courier import Courier
-    from comfy_courier.executor.journal_process import JournalProcess
+    from comfy_courier.executor.store.sqlite.process import JournalProcess
 
     samples: dict[str, list[float]] = {}
 
@@ -235,7 +235,7 @@ async def main(args: argparse.Namespace) -> None:
         profiler.dump_stats(args.profile)
     comfy.stop()
     await courier.stop()
-    await courier.db.aclose()
+    await courier.store.aclose()
     await runner.cleanup()
 
 

@@ -1,6 +1,6 @@
 """Callback delivery from the durable outbox: claim -> send -> record.
 
-The schedule lives in the journal (`next_attempt_at`), not in a sleeping coroutine, so a
+The schedule lives in the store (`next_attempt_at`), not in a sleeping coroutine, so a
 restart resumes exactly where the last process stopped. Delivery is at-least-once;
 receivers de-duplicate on `webhook-id`, which is stable across retries.
 """
@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from .journal import Journal, OutboxEvent
-from .journal_runner import JournalRunner
 from .signing import signature_headers
+from .store import OutboxEvent, Store
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def classify(
 class Deliverer:
     def __init__(
         self,
-        db: JournalRunner,
+        store: Store,
         instance: str,
         url: str,
         api_key: str | None,
@@ -97,7 +96,7 @@ class Deliverer:
         jitter: float = 0.1,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._db = db
+        self._store = store
         self._instance = instance
         self._url = url
         self._api_key = api_key
@@ -138,9 +137,7 @@ class Deliverer:
         while True:
             try:
                 await self.dispatch_due()
-                next_at = await self._db(
-                    Journal.next_due_at, self._instance, tuple(self._in_flight)
-                )
+                next_at = await self._store.next_due_at(self._instance, tuple(self._in_flight))
             except Exception:  # a journal hiccup must not end delivery for good
                 log.exception("[courier] outbox pass failed; retrying in 5 s")
                 next_at = self._clock() + 5
@@ -157,7 +154,7 @@ class Deliverer:
     async def dispatch_due(self, limit: int = 200) -> int:
         """Start sending every due event not already in flight; returns how many started."""
         now = self._clock()
-        events = await self._db(Journal.due_events, self._instance, now, limit)
+        events = await self._store.due_events(self._instance, now, limit)
         return sum(self._start(event, check_current=True) for event in events)
 
     def deliver_now(self, event: OutboxEvent) -> bool:
@@ -185,11 +182,9 @@ class Deliverer:
     async def _deliver(self, event: OutboxEvent, check_current: bool) -> None:
         try:
             async with self._slots:
-                if check_current and not await self._db(
-                    Journal.event_still_current, event.event_id
-                ):
+                if check_current and not await self._store.event_still_current(event.event_id):
                     # a newer attempt of the same id exists: this event must never arrive
-                    await self._db(Journal.drop_event, event.event_id, self._clock())
+                    await self._store.drop_event(event.event_id, self._clock())
                     return
                 outcome = await self._send(event)
                 await self._record(event, outcome)
@@ -223,7 +218,7 @@ class Deliverer:
         self.on_outcome(type(outcome).__name__.lower())
         if isinstance(outcome, Delivered):
             self.sent += 1
-            await self._db(Journal.record_delivery, event.event_id, "delivered", attempts, now)
+            await self._store.record_delivery(event.event_id, "delivered", attempts, now)
             log.info(
                 "[courier] callback delivered id=%s attempt=%s event=%s tries=%s",
                 event.content_request_id,
@@ -234,8 +229,8 @@ class Deliverer:
             return
         self.failures += 1
         if isinstance(outcome, Permanent):
-            await self._db(
-                Journal.record_delivery, event.event_id, "dead", attempts, now, None, outcome.reason
+            await self._store.record_delivery(
+                event.event_id, "dead", attempts, now, None, outcome.reason
             )
             log.error(
                 "[courier] callback dead-lettered id=%s attempt=%s event=%s: receiver answered %s",
@@ -251,8 +246,7 @@ class Deliverer:
             delay = max(delay, outcome.retry_after)
         next_at = now + delay
         if next_at - event.created_at > self._horizon:
-            await self._db(
-                Journal.record_delivery,
+            await self._store.record_delivery(
                 event.event_id,
                 "dead",
                 attempts,
@@ -269,8 +263,7 @@ class Deliverer:
                 outcome.reason,
             )
             return
-        await self._db(
-            Journal.record_delivery,
+        await self._store.record_delivery(
             event.event_id,
             "pending",
             attempts,

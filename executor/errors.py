@@ -37,6 +37,10 @@ class Unavailable(CourierError, RuntimeError):
     type = "unavailable"
 
 
+class StoreError(Unavailable):
+    """The store failed a call (busy, full, gone): the change may or may not be written."""
+
+
 class Unauthorized(CourierError, PermissionError):
     status = 401
     type = "unauthorized"

@@ -1,13 +1,31 @@
-"""Uploads with bounded retries: transient storage faults must not fail a job."""
+"""A job's images on their way to storage, each recorded in the store before and after.
+
+Uploads retry transient storage faults (bounded): those must not fail a job.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_chain, wait_fixed
 
+from .comfy_port import ComfyPort, Completion
 from .errors import StorageError
+from .images import EncodedImage, sanitize_file
+from .jobs import Job, Output
+from .metrics import Metrics
+from .runs import Run
+from .settings import Settings
 from .storage import Storage
+from .store import Store
+
+log = logging.getLogger(__name__)
 
 
 def _retryable(error: BaseException) -> bool:
@@ -32,3 +50,142 @@ async def upload_with_retry(
         with attempt:
             return await storage.put(key, data, content_type)
     raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+class Uploader:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        storage: Storage,
+        comfy: ComfyPort,
+        metrics: Metrics,
+        schedule: tuple[float, ...],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self.comfy = comfy
+        self.metrics = metrics
+        self.schedule = schedule
+
+    def start(
+        self,
+        run: Run,
+        node_id: str,
+        index: int,
+        data: bytes,
+        image: EncodedImage,
+        path: Path | None,
+    ) -> None:
+        """Upload one image of `run` in the background; the job's end awaits it."""
+        seq = run.next_seq
+        run.next_seq += 1
+        job = run.job
+        output = Output(
+            node_id=node_id,
+            index=index,
+            key=f"{job.content_request_id}/{job.attempt}-{seq}.{image.extension}",
+            content_type=image.content_type,
+            bytes=len(data),
+            width=image.width,
+            height=image.height,
+            path=str(path) if path else None,
+        )
+        run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
+
+    async def _upload(self, job: Job, seq: int, output: Output, data: bytes) -> Output:
+        # The image's row is queued in the store first, so it commits before the job's
+        # later writes (uploading, final): a crash still finds it. The upload need not
+        # wait for that commit.
+        recorded = self.store.record_image(job, seq, output)
+        try:
+            url = await self.put(output.key, data, output.content_type)
+        finally:
+            await recorded
+        stored = replace(output, url=url)
+        # Not awaited: queued now, it commits before the job's final write, which is
+        # queued later. The callback leaves one journal trip sooner.
+        self.store.record_image(job, seq, stored).add_done_callback(_log_failure)
+        return stored
+
+    async def put(self, key: str, data: bytes, content_type: str) -> str:
+        started = time.perf_counter()
+        try:
+            url = await upload_with_retry(self.storage, key, data, content_type, self.schedule)
+        except Exception:
+            self.metrics.upload_failures.inc()
+            raise
+        self.metrics.upload_duration.observe(time.perf_counter() - started)
+        self.metrics.upload_bytes.inc(len(data))
+        return url
+
+    async def ui_run(
+        self, prompt_id: str, node_id: str, images: list[tuple[EncodedImage, Path]]
+    ) -> None:
+        """A run from ComfyUI's own UI: stored under ui/<prompt_id>/, shown in that tab."""
+        urls: list[str] = []
+        errors: list[str] = []
+        for n, (image, _) in enumerate(images, start=1):
+            key = f"ui/{prompt_id}/{node_id}-{n}.{image.extension}"
+            try:
+                urls.append(await self.put(key, image.data, image.content_type))
+                log.info("[courier] UI run prompt=%s image stored: %s", prompt_id, urls[-1])
+            except StorageError as e:
+                errors.append(e.message)
+                log.error("[courier] UI run prompt=%s upload failed: %s", prompt_id, e.message)
+        data: dict[str, Any] = {
+            "prompt_id": prompt_id,
+            "node_id": node_id,
+            "content_request_id": "",
+            "urls": urls,
+        }
+        if errors:
+            data["error"] = errors[0]
+        self.comfy.notify_client(prompt_id, "comfy-courier.images", data)
+
+    async def collect_saved_files(self, run: Run, completion: Completion) -> None:
+        """A workflow without SaveAndCallback: deliver its SaveImage files, metadata stripped."""
+        for saved in self.comfy.output_files(completion.outputs):
+            try:
+                raw = await asyncio.to_thread(saved.path.read_bytes)
+                image = await asyncio.to_thread(sanitize_file, raw, self.settings.keep_metadata)
+            except (OSError, ValueError) as e:
+                failed: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
+                failed.set_exception(StorageError(f"cannot read {saved.path.name}: {e}", False))
+                run.uploads.append(failed)
+                continue
+            self.start(run, saved.node_id, saved.index, image.data, image, saved.path)
+
+    async def resume(self, run: Run) -> bool:
+        """Upload what a dead process had not; False when a saved file is missing."""
+        job = run.job
+        recorded = await self.store.images(job.content_request_id, job.attempt)
+        if job.expected_images is None or len(recorded) != job.expected_images:
+            return False
+        pending: list[tuple[int, Output, bytes]] = []
+        for seq, output in recorded:
+            if output.url:
+                continue
+            try:
+                data = await asyncio.to_thread(Path(output.path or "").read_bytes)
+            except OSError:
+                return False
+            if not run.uses_node:
+                data = (
+                    await asyncio.to_thread(sanitize_file, data, self.settings.keep_metadata)
+                ).data
+            pending.append((seq, output, data))
+        for _, output in recorded:
+            if output.url:  # stored before the restart: not uploaded again
+                done: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
+                done.set_result(output)
+                run.uploads.append(done)
+        for seq, output, data in pending:
+            run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
+        return True
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("[courier] journal write failed", exc_info=future.exception())

@@ -18,8 +18,8 @@ from multidict import CIMultiDict
 
 from comfy_courier import wiring
 from comfy_courier.executor.courier import Courier
-from comfy_courier.executor.journal import Journal
 from comfy_courier.executor.settings import Settings
+from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.routes import add_routes
 
 from fakes.storage_server import FakeStorage, start_storage_server
@@ -221,5 +221,5 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
         harness.comfy.stop()
         await harness.courier.stop()
         await harness.client.close()
-        await harness.courier.db.aclose()
+        await harness.courier.store.aclose()
     wiring._runtime = None

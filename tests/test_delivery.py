@@ -11,8 +11,10 @@ from comfy_courier.executor.delivery import (
     parse_retry_after,
 )
 from comfy_courier.executor.jobs import Job, JobState
-from comfy_courier.executor.journal import Journal, OutboxEvent
-from comfy_courier.executor.journal_thread import JournalThread
+from comfy_courier.executor.store import OutboxEvent
+from comfy_courier.executor.store.sqlite.journal import Journal
+from comfy_courier.executor.store.sqlite.store import SqliteStore
+from comfy_courier.executor.store.sqlite.thread import JournalThread
 
 
 @pytest.mark.parametrize("status, kind", [(200, Delivered), (204, Delivered), (301, Retry),
@@ -32,11 +34,12 @@ def test_retry_after_seconds_and_dates():
 @pytest.fixture
 async def outbox(tmp_path):
     db = JournalThread(lambda: Journal(tmp_path / "d.sqlite3"))
+    store = SqliteStore(db)
     job = Job("d1", 1, "p1", "i", "{}", "f", created_at=0.0)
     await db(Journal.insert, job)
     job.state, job.finished_at = JobState.SUCCESS, 0.0
     await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, b'{"a":1}', 0, 0.0))
-    yield db
+    yield store
     db.close()
 
 
@@ -69,11 +72,11 @@ async def test_retry_after_is_honoured_and_horizon_dead_letters(outbox, receiver
                   jitter=0.0, clock=clock)
     assert await d.dispatch_due() == 1
     await d.drain()
-    assert await outbox(Journal.next_due_at, "i") == 40.0  # max(5, Retry-After 40)
+    assert await outbox.next_due_at("i") == 40.0  # max(5, Retry-After 40)
     clock.now = 40.0
     await d.dispatch_due()
     await d.drain()
-    summary = await outbox(Journal.callback_summary, "d1", 1)
+    summary = await outbox.callback_summary("d1", 1)
     assert summary.state == "dead" and summary.attempts == 2  # 40 + 30 > 60 s horizon
     assert len(receiver.requests) == 2
 
@@ -84,11 +87,11 @@ async def test_slow_receiver_times_out_and_is_retried(outbox, receiver, delivere
                   jitter=0.0, clock=Clock())
     await d.dispatch_due()
     await d.drain()
-    summary = await outbox(Journal.callback_summary, "d1", 1)
+    summary = await outbox.callback_summary("d1", 1)
     assert summary.state == "pending" and "no answer" in summary.last_error
     await d.dispatch_due()
     await d.drain()
-    assert (await outbox(Journal.callback_summary, "d1", 1)).state == "delivered"
+    assert (await outbox.callback_summary("d1", 1)).state == "delivered"
 
 
 async def test_unreachable_receiver_is_retried(outbox, deliverers):
@@ -96,7 +99,7 @@ async def test_unreachable_receiver_is_retried(outbox, deliverers):
                   clock=Clock())
     await d.dispatch_due()
     await d.drain()
-    summary = await outbox(Journal.callback_summary, "d1", 1)
+    summary = await outbox.callback_summary("d1", 1)
     assert summary.state == "pending" and summary.attempts == 1
 
 
@@ -108,7 +111,7 @@ async def test_a_fresh_event_is_sent_at_once_and_only_once(outbox, receiver, del
     assert await d.dispatch_due() == 0  # the outbox pass skips it too
     await d.drain()
     assert len(receiver.requests) == 1
-    assert (await outbox(Journal.callback_summary, "d1", 1)).state == "delivered"
+    assert (await outbox.callback_summary("d1", 1)).state == "delivered"
 
 
 async def test_a_redirect_is_not_followed_but_retried_with_its_target(outbox, receiver, deliverers):
@@ -119,7 +122,7 @@ async def test_a_redirect_is_not_followed_but_retried_with_its_target(outbox, re
                   clock=Clock())
     await d.dispatch_due()
     await d.drain()
-    summary = await outbox(Journal.callback_summary, "d1", 1)
+    summary = await outbox.callback_summary("d1", 1)
     assert summary.state == "pending" and len(receiver.requests) == 1
     assert "HTTP 308 redirect to https://app.example/api/comfy-callback" in summary.last_error
     assert "COURIER_CALLBACK_URL" in summary.last_error

@@ -156,8 +156,8 @@ async def test_a_journal_write_failing_once_is_retried_not_reported(make_harness
                                                                    monkeypatch):
     import sqlite3
 
-    from comfy_courier.executor import courier as courier_module
-    from comfy_courier.executor.journal import Journal
+    from comfy_courier.executor import settle as courier_module
+    from comfy_courier.executor.store.sqlite.journal import Journal
 
     monkeypatch.setattr(courier_module, "JOURNAL_RETRY", (0.01, 0.01))
     real_finish, calls = Journal.finish, []
@@ -202,13 +202,12 @@ async def test_cancelled_while_running_is_not_rerun_after_a_restart(make_harness
 
 
 async def test_work_of_a_silent_instance_is_adopted(make_harness, tmp_path, receiver):
-    from comfy_courier.executor.journal import Journal
 
     gone = await make_harness(start_worker=False, port=8190)  # e.g. a recreated container
     await gone.post(model_free(), "orphan1")
     await gone.courier.stop()
     gone.comfy.stop()
-    await gone.courier.db(Journal.heartbeat, gone.courier.instance, 0.0)  # long silent
+    await gone.courier.store.heartbeat(gone.courier.instance, 0.0)  # long silent
 
     live = await make_harness(base=tmp_path / "comfy2", port=8191)
     final = await live.wait_final("orphan1")

@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from comfy_courier.executor.intake import ID_PATTERN, MAX_DEPTH, MAX_NODES
-from comfy_courier.executor.journal import Journal
 
 from conftest import API_KEY, Harness, model_free
 
@@ -176,9 +175,9 @@ async def answered_consistently(h: Harness, tally: Tally, raw: bytes, resp: Any)
         assert set(body) == {"error", "node_errors"} and body["error"]["type"], body
         assert isinstance(body["error"]["message"], str)
         if isinstance(cid, str) and ID_PATTERN.fullmatch(cid) and cid not in tally.accepted:
-            assert await h.courier.db(Journal.latest, cid) is None
+            assert await h.courier.store.latest(cid) is None
     assert h.comfy.prompt_queue.get_tasks_remaining() == tally.queued
-    assert await h.courier.db(Journal.count_unfinished) == tally.queued
+    assert await h.courier.store.count_unfinished() == tally.queued
     await h.settle()
     assert h.receiver is not None and h.receiver.requests == []
 
@@ -363,7 +362,7 @@ async def test_nasty_ids_are_400_and_leave_nothing(idle, cid):
     status, body = await idle.post(model_free(), cid)
     assert status == 400 and body["error"]["field"] == "content_request_id", body
     assert idle.comfy.prompt_queue.get_tasks_remaining() == 0
-    assert await idle.courier.db(Journal.count_unfinished) == 0
+    assert await idle.courier.store.count_unfinished() == 0
 
 
 @pytest.mark.parametrize("workflow", [

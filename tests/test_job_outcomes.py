@@ -11,7 +11,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from comfy_courier.executor.courier import Courier
+from comfy_courier.executor.admission import Admission
 
 from conftest import API_KEY, SERVICE_KEY, WEBHOOK_SECRET, model_free
 from standin.comfy import image_metadata
@@ -180,14 +180,14 @@ async def submit_directly(h, cid: str) -> dict:
 async def test_cancel_between_answer_and_queue_never_runs_the_job(make_harness):
     h = await make_harness(start_worker=False)
     held = []
-    h.courier._put_admitted = lambda *args: held.append(args)  # the put, after the 202
+    h.courier.admission.put = lambda *args: held.append(args)  # the put, after the 202
     body = await submit_directly(h, "cu1")
     assert body["queue_position"] == 0
     assert (await h.courier.status("cu1"))["queue_position"] == 0
     cancelled = await h.courier.cancel("cu1")
     assert cancelled["state"] == "error" and "before it ran" in cancelled["error_message"]
     [args] = held
-    Courier._put_admitted(h.courier, *args)  # the deferred put, now too late
+    Admission.put(h.courier.admission, *args)  # the deferred put, now too late
     assert h.comfy.prompt_queue.get_tasks_remaining() == 0
     [cb] = await final_callbacks(h, "cu1")
     assert cb["error_type"] == "cancelled"

@@ -1,7 +1,8 @@
 import pytest
 
 from comfy_courier.executor.jobs import ErrorType, Job, JobState, Output
-from comfy_courier.executor.journal import SCHEMA_VERSION, DuplicateAttempt, Journal, OutboxEvent
+from comfy_courier.executor.store import DuplicateAttempt, OutboxEvent
+from comfy_courier.executor.store.sqlite.journal import SCHEMA_VERSION, Journal
 
 
 def make_job(cid="j1", attempt=1, prompt_id="p1", instance="host:8188"):
@@ -141,8 +142,8 @@ def test_adopting_a_silent_instance_moves_its_unfinished_work(journal):
 async def test_group_commit_writes_a_burst_in_few_transactions(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal_runner import GroupCommit
-    from comfy_courier.executor.journal_thread import JournalThread
+    from comfy_courier.executor.store.group_commit import GroupCommit
+    from comfy_courier.executor.store.sqlite.thread import JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
     batches: list[int] = []
@@ -163,8 +164,8 @@ async def test_group_commit_writes_a_burst_in_few_transactions(tmp_path):
 async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal_runner import GroupCommit
-    from comfy_courier.executor.journal_thread import JournalThread
+    from comfy_courier.executor.store.group_commit import GroupCommit
+    from comfy_courier.executor.store.sqlite.thread import JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
 
@@ -189,8 +190,8 @@ async def test_group_commit_failure_stays_with_its_own_caller(tmp_path):
 async def test_group_commit_runs_then_even_when_the_caller_gave_up(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal_runner import GroupCommit
-    from comfy_courier.executor.journal_thread import JournalThread
+    from comfy_courier.executor.store.group_commit import GroupCommit
+    from comfy_courier.executor.store.sqlite.thread import JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "g.sqlite3"))
     commit = GroupCommit(db, Journal.admit)
@@ -214,8 +215,8 @@ async def test_group_commit_runs_then_even_when_the_caller_gave_up(tmp_path):
 async def test_group_commit_runs_after_once_the_caller_resumed_or_gave_up(tmp_path):
     import asyncio
 
-    from comfy_courier.executor.journal_runner import GroupCommit
-    from comfy_courier.executor.journal_thread import JournalThread
+    from comfy_courier.executor.store.group_commit import GroupCommit
+    from comfy_courier.executor.store.sqlite.thread import JournalThread
 
     db = JournalThread(lambda: Journal(tmp_path / "a.sqlite3"))
     commit = GroupCommit(db, Journal.admit)
@@ -262,7 +263,7 @@ def test_temp_data_stays_in_memory(journal):
 async def test_group_commit_keeps_two_batches_in_flight_and_answers_in_order():
     import asyncio
 
-    from comfy_courier.executor.journal_runner import GroupCommit
+    from comfy_courier.executor.store.group_commit import GroupCommit
 
     loop = asyncio.get_running_loop()
     sent: list[tuple[list[int], asyncio.Future[list[int]]]] = []
@@ -349,11 +350,11 @@ def test_prune_goes_oldest_first_in_batches(journal):
 
 
 @pytest.mark.parametrize("query, params, index", [
-    ("_PRUNABLE", (1.0, 5), "jobs_prunable"),  # a batch never scans every job's workflow
-    ("_CANCEL_REQUESTS", ("a:1",), "jobs_cancel_requested"),  # not every queued job
+    ("PRUNABLE", (1.0, 5), "jobs_prunable"),  # a batch never scans every job's workflow
+    ("CANCEL_REQUESTS", ("a:1",), "jobs_cancel_requested"),  # not every queued job
 ])
 def test_periodic_queries_read_their_own_index(journal, query, params, index):
-    from comfy_courier.executor import journal as module
+    from comfy_courier.executor.store.sqlite import schema as module
 
     plan = " ".join(str(tuple(r)) for r in journal._db.execute(
         "EXPLAIN QUERY PLAN " + getattr(module, query), params))

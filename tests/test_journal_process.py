@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from comfy_courier.executor import journal_process
 from comfy_courier.executor.ids import uuid7
 from comfy_courier.executor.intake import parse_request
 from comfy_courier.executor.jobs import Job
-from comfy_courier.executor.journal import DuplicateAttempt, Journal
-from comfy_courier.executor.journal_process import JournalProcess, JournalUnavailable
+from comfy_courier.executor.store import DuplicateAttempt
+from comfy_courier.executor.store.sqlite import process as journal_process
+from comfy_courier.executor.store.sqlite.journal import Journal
+from comfy_courier.executor.store.sqlite.process import JournalProcess, JournalUnavailable
 
 from conftest import API_KEY, model_free
 
@@ -128,11 +129,11 @@ def test_the_child_exits_when_its_parent_closes_the_pipe(tmp_path):
 def test_the_child_imports_the_journal_under_a_comfyui_style_package_name(tmp_path):
     # ComfyUI names a custom node package after its folder path; the top package's
     # __init__ (which registers ComfyUI nodes) must not run in the child
-    root = str(Path(journal_process.__file__).resolve().parent.parent)
-    name = "/opt/ComfyUI/custom_nodes/comfy-courier.executor"
+    root = str(Path(journal_process.__file__).resolve().parents[3])
+    name = "/opt/ComfyUI/custom_nodes/comfy-courier"
     script = (
         "import sys, json\n"
-        "sys.path.insert(0, sys.argv[1] + '/executor')\n"
+        "sys.path.insert(0, sys.argv[1] + '/executor/store/sqlite')\n"
         "from journal_child import import_journal\n"
         "m = import_journal(sys.argv[2], sys.argv[1])\n"
         "j = m.Journal(sys.argv[3])\n"
@@ -142,7 +143,7 @@ def test_the_child_imports_the_journal_under_a_comfyui_style_package_name(tmp_pa
         [sys.executable, "-c", script, root, name, str(tmp_path / "j.sqlite3")],
         capture_output=True, text=True, timeout=60, check=True,
     )
-    assert json.loads(out.stdout) == [f"{name}.journal", 0, False]
+    assert json.loads(out.stdout) == [f"{name}.executor.store.sqlite.journal", 0, False]
 
 
 async def test_a_job_committed_by_a_journal_process_that_died_still_runs(make_harness, receiver):
@@ -158,7 +159,7 @@ async def test_a_job_committed_by_a_journal_process_that_died_still_runs(make_ha
     journal.insert(orphan)
     journal.close()
 
-    db = h.courier.db
+    db = h.courier.store.runner
     assert isinstance(db, JournalProcess) and db.pid is not None
     os.kill(db.pid, signal.SIGSTOP)
     status = asyncio.ensure_future(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from comfy_courier.executor.journal import Journal
+from comfy_courier.executor.store.sqlite.journal import Journal
 
 from conftest import API_KEY, CALLBACK_KEY, model_free
 from test_job_outcomes import slow_workflow

@@ -70,16 +70,16 @@ async def test_a_prompt_ending_after_the_loop_closed_is_left_to_the_journal(make
     # ComfyUI exiting: the worker may end a prompt after the server's loop has closed.
     h = await make_harness(start_worker=False)
     _, accepted = await h.post(model_free(), "late1")
-    loop, closed = h.courier._loop, asyncio.new_event_loop()
+    loop, closed = h.courier.worker_events.loop, asyncio.new_event_loop()
     closed.close()
-    h.courier._loop = closed
+    h.courier.worker_events.loop = closed
     try:
-        h.courier._completion_from_worker(Completion(accepted["prompt_id"], "success"))
-        h.courier._start_from_worker(accepted["prompt_id"])
-        h.courier._loop = None  # and a UI run before the courier started
-        h.courier._start_from_worker(accepted["prompt_id"])
+        h.courier.worker_events.completion_from_worker(Completion(accepted["prompt_id"], "success"))
+        h.courier.worker_events.start_from_worker(accepted["prompt_id"])
+        h.courier.worker_events.loop = None  # and a UI run before the courier started
+        h.courier.worker_events.start_from_worker(accepted["prompt_id"])
     finally:
-        h.courier._loop = loop
+        h.courier.worker_events.loop = loop
     assert (await h.status("late1"))["state"] == "queued"  # the next start recovers it
 
 
@@ -93,7 +93,7 @@ async def test_a_job_that_ends_during_a_recovery_pass_stays_ended(make_harness):
         " fingerprint, runs, created_at) SELECT 'orphan1', 1, 'orphan-p', instance, 'queued',"
         " workflow, fingerprint, 1, created_at - 10 FROM jobs WHERE content_request_id = 'r1'")
     gate, entered = asyncio.Event(), asyncio.Event()
-    validated = h.courier._validated_prompt
+    validated = h.courier.queue.validated_prompt
 
     async def held_validation(job, workflow):
         if job.content_request_id == "orphan1":
@@ -101,14 +101,14 @@ async def test_a_job_that_ends_during_a_recovery_pass_stays_ended(make_harness):
             await gate.wait()
         return await validated(job, workflow)
 
-    h.courier._validated_prompt = held_validation
+    h.courier.queue.validated_prompt = held_validation
     recovery = asyncio.ensure_future(h.courier.recover())
     await entered.wait()
     assert (await h.courier.cancel("r1"))["state"] == "error"
     gate.set()
     await recovery
     assert (await h.status("r1"))["state"] == "error"
-    [orphan] = [run.job for run in h.courier._runs.values()]  # r1 is not running again
+    [orphan] = [run.job for run in h.courier.runs.by_prompt.values()]  # r1 is not running again
     assert orphan.content_request_id == "orphan1"
     assert [item[1] for item in h.comfy.prompt_queue.queue] == [orphan.prompt_id]
     await h.receiver.wait_for(1)

@@ -213,11 +213,11 @@ async def test_retry_after_follows_how_long_recent_jobs_ran(make_harness):
     h = await make_harness(env={"COURIER_MAX_QUEUE": "1"})
     await h.post(model_free(), "ra1")
     await h.wait_final("ra1")
-    assert h.courier._retry_after() == 1  # a model-free job ends within a second
-    h.courier._recent_runs.extend([30.5, 41.2, 90.0])
-    assert h.courier._retry_after() == 36  # median of 4 runs (30.5 and 41.2), rounded up
-    h.courier._recent_runs.extend([600.0] * 5)
-    assert h.courier._retry_after() == 60  # a client checks back at least once a minute
+    assert h.courier.runs.retry_after() == 1  # a model-free job ends within a second
+    h.courier.runs.recent.extend([30.5, 41.2, 90.0])
+    assert h.courier.runs.retry_after() == 36  # median of 4 runs (30.5 and 41.2), rounded up
+    h.courier.runs.recent.extend([600.0] * 5)
+    assert h.courier.runs.retry_after() == 60  # a client checks back at least once a minute
     h.comfy.stop()
     await h.post(model_free(), "ra2")
     resp = await h.client.post("/execute-workflow", headers={"X-API-Key": API_KEY},
@@ -258,7 +258,7 @@ async def test_health_has_no_secrets(make_harness):
 async def test_per_id_locks_do_not_accumulate(make_harness):
     h = await make_harness(start_worker=False)
     await asyncio.gather(*(h.post(model_free(), f"lk{i % 5}") for i in range(40)))
-    assert len(h.courier._id_locks) == 0
+    assert len(h.courier.admission.id_locks) == 0
 
 
 async def test_a_request_cancelled_while_its_row_commits_still_queues_the_job(make_harness):
@@ -267,7 +267,7 @@ async def test_a_request_cancelled_while_its_row_commits_still_queues_the_job(ma
     h = await make_harness(start_worker=False)
     raw = json.dumps({"workflow_json": model_free(), "content_request_id": "gone1"}).encode()
     submit = asyncio.ensure_future(h.courier.submit(parse_request(raw)))
-    while not h.courier._admit._waiting:  # validated; its row is about to be written
+    while not h.courier.store._admit._waiting:  # validated; its row is about to be written
         await asyncio.sleep(0)
     submit.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -18,9 +18,11 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from comfy_courier.executor import signing
 from comfy_courier.executor.delivery import Deliverer
 from comfy_courier.executor.jobs import Job, JobState
-from comfy_courier.executor.journal import Journal, OutboxEvent
-from comfy_courier.executor.journal_thread import JournalThread
 from comfy_courier.executor.signing import signature_headers
+from comfy_courier.executor.store import OutboxEvent
+from comfy_courier.executor.store.sqlite.journal import Journal
+from comfy_courier.executor.store.sqlite.store import SqliteStore
+from comfy_courier.executor.store.sqlite.thread import JournalThread
 
 from conftest import CALLBACK_KEY, WEBHOOK_SECRET, Received, model_free
 
@@ -149,13 +151,14 @@ class SteppingDatetime(datetime):
 @pytest.fixture
 async def outbox(tmp_path):
     db = JournalThread(lambda: Journal(tmp_path / "s.sqlite3"))
+    store = SqliteStore(db)
     now = time.time()  # the Deliverer runs on the real clock here
     job = Job("s1", 1, "p1", "i", "{}", "f", created_at=now)
     await db(Journal.insert, job)
     job.state, job.finished_at = JobState.SUCCESS, now
     body = b'{"content_request_id":"s1","status":"success","image_url":null,"error_message":null}'
     await db(Journal.finish, job, OutboxEvent("msg_s1", "s1", 1, body, 0, now))
-    yield db
+    yield store
     db.close()
 
 
@@ -174,7 +177,7 @@ async def test_each_retry_is_signed_afresh_under_the_same_webhook_id(outbox, rec
         await deliverer.drain()
     tries = await receiver.wait_for(2)
     assert len(tries) == 2
-    assert (await outbox(Journal.callback_summary, "s1", 1)).state == "delivered"
+    assert (await outbox.callback_summary("s1", 1)).state == "delivered"
 
     a, b = headers_of(tries[0]), headers_of(tries[1])
     assert a["webhook-id"] == b["webhook-id"] == "msg_s1"  # receivers de-duplicate on it

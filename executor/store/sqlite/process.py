@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import journal_child
-from .journal_child import HEAD, PICKLE_PROTOCOL
-from .journal_thread import JournalThread, Opener
+from .journal_child import HEAD, JOURNAL_MODULE, PICKLE_PROTOCOL
+from .thread import JournalThread, Opener
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,9 @@ def _chain(source: asyncio.Future[T], target: asyncio.Future[T]) -> None:
 
 def child_command(path: str) -> list[str]:
     """journal_child.py as a script, told this process's name and folder of its package."""
-    package = __name__.rpartition(".")[0]  # "<top>.executor"
-    root = str(Path(__file__).resolve().parent.parent)
-    # -P (3.11+): the script's folder, executor/, is not put first on sys.path
+    journal_module = __name__.rpartition(".")[0] + ".journal"  # "<top>.executor.store..."
+    top = journal_module.removesuffix("." + JOURNAL_MODULE)
+    root = str(Path(__file__).resolve().parents[3])
+    # -P (3.11+): the script's folder is not put first on sys.path
     isolate = ["-P"] if sys.version_info >= (3, 11) else []
-    return [sys.executable, *isolate, journal_child.__file__, package, root, path]
+    return [sys.executable, *isolate, journal_child.__file__, top, root, path]

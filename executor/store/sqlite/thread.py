@@ -1,6 +1,6 @@
 """The journal on a thread of ComfyUI's process: the fallback when no child process can start.
 
-`JournalProcess` (journal_process.py) is the default: on a thread, every SQLite call gives
+`JournalProcess` (process.py) is the default: on a thread, every SQLite call gives
 up the GIL and must win it back from the busy server loop (see that module).
 """
 

@@ -5,8 +5,7 @@ job's final state and its outbox event are written in the same transaction, whic
 what makes "exactly one final callback per attempt" hold across crashes.
 
 The methods are synchronous and called one at a time: in the journal process
-(`journal_process.py`), or on one thread where no child process can start
-(`journal_thread.py`).
+(`process.py`), or on one thread where no child process can start (`thread.py`).
 WAL mode needs a local filesystem: a journal on NFS/SMB can corrupt.
 """
 
@@ -16,123 +15,26 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .jobs import CallbackSummary, ErrorType, Job, JobState, Output
-
-# 9 values a job row: 900 stays under the 999 bound values of SQLite builds before 3.32
-_ROWS_PER_STATEMENT = 100
-
-# 2: outbox_dead index; 4: jobs_prunable (retention) and jobs_cancel_requested indexes (3
-# was a development version with an index of every finished job). Each version's
-# statements are idempotent, so one pass over _SCHEMA migrates any older journal.
-SCHEMA_VERSION = 4
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    content_request_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    prompt_id TEXT NOT NULL UNIQUE,
-    instance TEXT NOT NULL,
-    state TEXT NOT NULL,
-    workflow TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    runs INTEGER NOT NULL DEFAULT 1,
-    error_type TEXT,
-    error_message TEXT,
-    node_id TEXT,
-    image_urls TEXT NOT NULL DEFAULT '[]',
-    expected_images INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    executed_at REAL,
-    finished_at REAL,
-    PRIMARY KEY (content_request_id, attempt)
-);
-CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (instance, state)
-    WHERE state NOT IN ('success', 'error');
-CREATE INDEX IF NOT EXISTS jobs_prunable ON jobs (finished_at)
-    WHERE state IN ('success', 'error') AND workflow <> '';
-DROP INDEX IF EXISTS jobs_finished;
-CREATE INDEX IF NOT EXISTS jobs_cancel_requested ON jobs (instance)
-    WHERE cancel_requested = 1 AND state NOT IN ('success', 'error');
-CREATE TABLE IF NOT EXISTS images (
-    content_request_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    node_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    path TEXT,
-    content_type TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    url TEXT,
-    PRIMARY KEY (content_request_id, attempt, seq)
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    event_id TEXT PRIMARY KEY,
-    content_request_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    instance TEXT NOT NULL,
-    body TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    UNIQUE (content_request_id, attempt)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (instance, next_attempt_at)
-    WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (instance) WHERE state = 'dead';
-CREATE TABLE IF NOT EXISTS instances (
-    name TEXT PRIMARY KEY,
-    heartbeat_at REAL NOT NULL
-);
-"""
-
-
-# Final attempts not slimmed yet, finished before ?, whose callback is not pending; the
-# terms repeat jobs_prunable's WHERE so SQLite reads that index.
-_PRUNABLE = (
-    "SELECT content_request_id, attempt FROM jobs"
-    " WHERE state IN ('success', 'error') AND workflow <> '' AND finished_at < ?"
-    " AND NOT EXISTS (SELECT 1 FROM outbox o"
-    "  WHERE o.content_request_id = jobs.content_request_id"
-    "  AND o.attempt = jobs.attempt AND o.state = 'pending')"
-    " ORDER BY finished_at LIMIT ?"
-)
-
-# Polled every 2 s while an instance has jobs: from jobs_cancel_requested, whose terms it
-# repeats (the unfinished-jobs index took 15 ms with 20,000 queued; this one takes 0.01 ms).
-_CANCEL_REQUESTS = (
-    "SELECT prompt_id FROM jobs WHERE instance = ?"
-    " AND cancel_requested = 1 AND state NOT IN ('success', 'error')"
+from ...jobs import Job, JobState, Output
+from ..base import DuplicateAttempt, OutboxEvent
+from .outbox import OutboxRows
+from .schema import (
+    CANCEL_REQUESTS,
+    PRUNABLE,
+    ROWS_PER_STATEMENT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    job_of,
+    output_of,
 )
 
 
-class DuplicateAttempt(Exception):
-    """Another request inserted this (content_request_id, attempt) first."""
-
-
-@dataclass(frozen=True)
-class OutboxEvent:
-    event_id: str
-    content_request_id: str
-    attempt: int
-    body: bytes
-    attempts: int
-    created_at: float
-
-
-class Journal:
+class Journal(OutboxRows):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         if str(path) != ":memory:":
@@ -161,7 +63,7 @@ class Journal:
             return
         with self._tx() as db:
             # executescript() would commit behind our back; one statement at a time.
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -187,7 +89,7 @@ class Journal:
 
     def by_prompt(self, prompt_id: str) -> Job | None:
         row = self._db.execute("SELECT * FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
-        return self._job(row) if row else None
+        return job_of(row) if row else None
 
     def insert(self, job: Job) -> None:
         """Start an attempt; undelivered events of older attempts are dropped with it."""
@@ -222,22 +124,22 @@ class Journal:
                 latest[job.content_request_id] = row  # a later job of the lot sees this one
                 accepted.append(row)
                 results.append(row.attempt)
-            for start in range(0, len(accepted), _ROWS_PER_STATEMENT):
-                self._insert_rows(db, accepted[start : start + _ROWS_PER_STATEMENT])
+            for start in range(0, len(accepted), ROWS_PER_STATEMENT):
+                self._insert_rows(db, accepted[start : start + ROWS_PER_STATEMENT])
             return results
 
     def _latest_of(self, ids: list[str]) -> dict[str, Job]:
         """The latest attempt of each id that has one (inside a transaction, if one is open)."""
         latest: dict[str, Job] = {}
-        for start in range(0, len(ids), _ROWS_PER_STATEMENT):
-            chunk = ids[start : start + _ROWS_PER_STATEMENT]
+        for start in range(0, len(ids), ROWS_PER_STATEMENT):
+            chunk = ids[start : start + ROWS_PER_STATEMENT]
             rows = self._db.execute(
                 "SELECT * FROM jobs AS j WHERE content_request_id IN"
                 f" ({','.join('?' * len(chunk))}) AND attempt = (SELECT max(attempt) FROM jobs"
                 " WHERE content_request_id = j.content_request_id)",
                 chunk,
             ).fetchall()
-            latest.update((row["content_request_id"], self._job(row)) for row in rows)
+            latest.update((row["content_request_id"], job_of(row)) for row in rows)
         return latest
 
     @staticmethod
@@ -284,7 +186,7 @@ class Journal:
             " ORDER BY created_at",
             (instance,),
         ).fetchall()
-        return [self._job(r) for r in rows]
+        return [job_of(r) for r in rows]
 
     def set_state(self, prompt_id: str, state: JobState, **fields: Any) -> bool:
         """Move an unfinished job to another unfinished state; False if it is final already."""
@@ -313,7 +215,7 @@ class Journal:
 
     def cancel_requests(self, instance: str) -> list[str]:
         """Prompt ids of `instance`'s unfinished jobs flagged for cancelling."""
-        rows = self._db.execute(_CANCEL_REQUESTS, (instance,)).fetchall()
+        rows = self._db.execute(CANCEL_REQUESTS, (instance,)).fetchall()
         return [row[0] for row in rows]
 
     def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool:
@@ -406,7 +308,7 @@ class Journal:
         large the journal is.
         """
         with self._tx() as db:
-            rows = db.execute(_PRUNABLE, (finished_before, limit)).fetchall()
+            rows = db.execute(PRUNABLE, (finished_before, limit)).fetchall()
             keys = [(r["content_request_id"], r["attempt"]) for r in rows]
             # with every earlier attempt: those finished first, and slimmed ones left the index
             for table in ("images", "outbox"):
@@ -454,171 +356,4 @@ class Journal:
             "SELECT * FROM images WHERE content_request_id = ? AND attempt = ? ORDER BY seq",
             (content_request_id, attempt),
         ).fetchall()
-        return [
-            (
-                r["seq"],
-                Output(
-                    node_id=r["node_id"],
-                    index=r["idx"],
-                    key=r["key"],
-                    content_type=r["content_type"],
-                    bytes=r["bytes"],
-                    width=r["width"],
-                    height=r["height"],
-                    url=r["url"],
-                    path=r["path"],
-                ),
-            )
-            for r in rows
-        ]
-
-    # -- instances ----------------------------------------------------------------------
-
-    def heartbeat(self, instance: str, now: float) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO instances (name, heartbeat_at) VALUES (?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                (instance, now),
-            )
-
-    def adopt_stale(self, instance: str, now: float, stale_after: float) -> list[str]:
-        """Take over the unfinished jobs and pending callbacks of instances gone silent.
-
-        A ComfyUI whose name changed (a recreated container gets a new hostname) or that
-        never came back leaves work behind; a live sibling finishes it. One transaction, so
-        two adopters never both take the same instance.
-        """
-        with self._tx() as db:
-            stale = [
-                row[0]
-                for row in db.execute(
-                    "SELECT name FROM instances WHERE name != ? AND heartbeat_at < ?",
-                    (instance, now - stale_after),
-                )
-            ]
-            for name in stale:
-                db.execute(
-                    "UPDATE jobs SET instance = ? WHERE instance = ?"
-                    " AND state NOT IN ('success', 'error')",
-                    (instance, name),
-                )
-                db.execute(
-                    "UPDATE outbox SET instance = ? WHERE instance = ? AND state = 'pending'",
-                    (instance, name),
-                )
-                db.execute("DELETE FROM instances WHERE name = ?", (name,))
-        return stale
-
-    # -- outbox -------------------------------------------------------------------------
-
-    def due_events(self, instance: str, now: float, limit: int) -> list[OutboxEvent]:
-        rows = self._db.execute(
-            "SELECT * FROM outbox WHERE instance = ? AND state = 'pending'"
-            " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
-            (instance, now, limit),
-        ).fetchall()
-        return [self._event(r) for r in rows]
-
-    def next_due_at(self, instance: str, in_flight: tuple[str, ...] = ()) -> float | None:
-        """When the next pending event not already being sent is due."""
-        marks = ",".join("?" * len(in_flight))
-        row = self._db.execute(
-            "SELECT min(next_attempt_at) FROM outbox WHERE instance = ? AND state = 'pending'"
-            + (f" AND event_id NOT IN ({marks})" if in_flight else ""),
-            (instance, *in_flight),
-        ).fetchone()
-        return float(row[0]) if row and row[0] is not None else None
-
-    def event_still_current(self, event_id: str) -> bool:
-        """False once a newer attempt of the same id exists: its events supersede this one."""
-        row = self._db.execute(
-            "SELECT o.state, (SELECT max(attempt) FROM jobs j"
-            "  WHERE j.content_request_id = o.content_request_id) AS newest, o.attempt"
-            " FROM outbox o WHERE event_id = ?",
-            (event_id,),
-        ).fetchone()
-        return bool(row) and row["state"] == "pending" and row["newest"] == row["attempt"]
-
-    def record_delivery(
-        self,
-        event_id: str,
-        state: str,
-        attempts: int,
-        now: float,
-        next_attempt_at: float | None = None,
-        last_error: str | None = None,
-    ) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, updated_at = ?,"
-                " next_attempt_at = COALESCE(?, next_attempt_at)"
-                " WHERE event_id = ? AND state = 'pending'",  # a dropped event stays dropped
-                (state, attempts, last_error, now, next_attempt_at, event_id),
-            )
-
-    def drop_event(self, event_id: str, now: float) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE outbox SET state = 'dropped', updated_at = ?"
-                " WHERE event_id = ? AND state = 'pending'",
-                (now, event_id),
-            )
-
-    def callback_summary(self, content_request_id: str, attempt: int) -> CallbackSummary | None:
-        row = self._db.execute(
-            "SELECT state, attempts, last_error FROM outbox"
-            " WHERE content_request_id = ? AND attempt = ?",
-            (content_request_id, attempt),
-        ).fetchone()
-        if row is None:
-            return None
-        return CallbackSummary(row["state"], row["attempts"], row["last_error"])
-
-    def outbox_backlog(self) -> tuple[int, int]:
-        """(pending, dead) events, from their partial indexes: cheap however many were
-        delivered (health and metrics ask often; delivered rows are most of the outbox)."""
-        pending = self._db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'")
-        dead = self._db.execute("SELECT count(*) FROM outbox WHERE state = 'dead'")
-        return int(pending.fetchone()[0]), int(dead.fetchone()[0])
-
-    def outbox_counts(self) -> dict[str, int]:
-        """Events per state; scans the whole outbox (tests and diagnostics)."""
-        rows = self._db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
-        return {r[0]: int(r[1]) for r in rows}
-
-    # -- rows to records ----------------------------------------------------------------
-
-    def _job(self, row: sqlite3.Row) -> Job:
-        job = Job(
-            content_request_id=row["content_request_id"],
-            attempt=row["attempt"],
-            prompt_id=row["prompt_id"],
-            instance=row["instance"],
-            workflow=row["workflow"],
-            fingerprint=row["fingerprint"],
-            state=JobState(row["state"]),
-            runs=row["runs"],
-            error_type=ErrorType(row["error_type"]) if row["error_type"] else None,
-            error_message=row["error_message"],
-            node_id=row["node_id"],
-            image_urls=tuple(json.loads(row["image_urls"])),
-            expected_images=row["expected_images"],
-            cancel_requested=bool(row["cancel_requested"]),
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            executed_at=row["executed_at"],
-            finished_at=row["finished_at"],
-        )
-        return job
-
-    @staticmethod
-    def _event(row: sqlite3.Row) -> OutboxEvent:
-        return OutboxEvent(
-            event_id=row["event_id"],
-            content_request_id=row["content_request_id"],
-            attempt=row["attempt"],
-            body=row["body"].encode(),
-            attempts=row["attempts"],
-            created_at=row["created_at"],
-        )
+        return [(r["seq"], output_of(r)) for r in rows]

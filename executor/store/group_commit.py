@@ -1,17 +1,15 @@
-"""How async code calls the journal: the `JournalRunner` protocol, and group commit.
+"""Group commit: calls made while a batch is being written go out together in the next.
 
-Two runners implement it: `JournalProcess` (the default) and `JournalThread` (the fallback).
-Callers pass a `Journal` method and its arguments; arguments and results must pickle.
+Backend-neutral: `db(many, items)` writes a list in one transaction (a SQLite runner
+call, or any coroutine function of that shape).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar, overload
-
-from .journal import Journal
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar, overload
 
 log = logging.getLogger(__name__)
 
@@ -20,21 +18,7 @@ T = TypeVar("T")
 X = TypeVar("X")
 _Then = Callable[[T], Any] | None
 _After = Callable[[Any], None] | None
-
-
-class JournalRunner(Protocol):
-    """Runs `Journal` methods off the event loop, one at a time, in the order submitted."""
-
-    @property
-    def kind(self) -> str:
-        """Where the journal runs: "process" or "thread" (shown by /courier/health)."""
-        ...
-
-    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
-
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]: ...
-
-    async def aclose(self) -> None: ...
+Writer = Callable[[Callable[..., list[T]], list[X]], Awaitable[list[T]]]
 
 
 class GroupCommit(Generic[X, T]):
@@ -57,8 +41,8 @@ class GroupCommit(Generic[X, T]):
 
     def __init__(
         self,
-        db: JournalRunner,
-        many: Callable[[Journal, list[X]], list[T]],
+        db: Writer[T, X],
+        many: Callable[..., list[T]],
         max_batch: int = 256,
         max_in_flight: int = 2,
     ) -> None:

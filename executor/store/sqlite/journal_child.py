@@ -1,4 +1,4 @@
-"""The journal process's side of the pipe (see journal_process.py), and its wire format.
+"""The journal process's side of the pipe (see process.py), and its wire format.
 
 Run as a script, so it has no relative imports: it imports the journal by the package
 name its parent gives it. A frame is a 4-byte little-endian length and a pickle: a call
@@ -21,21 +21,24 @@ from typing import Any, BinaryIO
 
 HEAD = struct.Struct("<I")  # length of the pickle that follows
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL  # both ends run the same interpreter
+JOURNAL_MODULE = "executor.store.sqlite.journal"  # below the top package
 
 
-def import_journal(package: str, root: str) -> Any:
-    """Import `<package>.journal` from `root` without running the packages above it.
+def import_journal(top: str, root: str) -> Any:
+    """Import `<top>.executor.store.sqlite.journal` from `root`, the package's folder,
+    without running the top package's __init__ (it registers ComfyUI's nodes: not wanted
+    here).
 
-    `package` is the parent's name for the executor package, so pickled functions and jobs
-    resolve to the same classes on both sides; ComfyUI names a custom node's package after
-    its folder path. The top package's __init__ registers ComfyUI's nodes: not wanted here.
+    `top` is the parent's name for the package, so pickled functions and jobs resolve to
+    the same classes on both sides; ComfyUI names a custom node's package after its folder
+    path, dots included, so every dotted part above it is a stand-in module.
     """
-    parts = package.split(".")
-    for i in range(1, len(parts)):
+    parts = top.split(".")
+    for i in range(1, len(parts) + 1):
         module = types.ModuleType(".".join(parts[:i]))
-        module.__path__ = [root] if i == len(parts) - 1 else []
+        module.__path__ = [root] if i == len(parts) else []
         sys.modules[module.__name__] = module
-    return importlib.import_module(f"{package}.journal")
+    return importlib.import_module(f"{top}.{JOURNAL_MODULE}")
 
 
 def _read(stream: BinaryIO, size: int) -> bytes | None:
@@ -77,14 +80,14 @@ def error_answer(error: Exception) -> bytes:
 
 
 def main(argv: list[str]) -> None:
-    package, root, path = argv[1:4]
+    top, root, path = argv[1:4]
     # Ctrl+C in ComfyUI's terminal reaches the whole process group: the journal stays up
     # until ComfyUI has shut down and closed the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     answers = os.fdopen(os.dup(1), "wb")
     calls = os.fdopen(os.dup(0), "rb")
     os.dup2(2, 1)  # a stray print must not corrupt the answers
-    journal = import_journal(package, root)
+    journal = import_journal(top, root)
     serve(lambda: journal.Journal(path), calls, answers)
 
 

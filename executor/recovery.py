@@ -1,0 +1,150 @@
+"""What a dead process left: resubmitted, its uploads resumed, or ended with one event.
+
+Start-up, the heartbeat's adoption of silent instances and a lost journal answer each
+start a recovery; one runs at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from . import intake
+from .comfy_queue import ComfyQueue
+from .delivery import Deliverer
+from .errors import WorkflowRejected
+from .ids import uuid7
+from .jobs import ErrorType, Job, JobState
+from .runs import Run, Runs
+from .settings import Settings
+from .settle import Settler
+from .store import Store
+from .tasks import Background
+from .uploads import Uploader
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 15.0
+STALE_AFTER = 90.0  # an instance silent this long has its work adopted by a live one
+
+
+class Recovery:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runs: Runs,
+        queue: ComfyQueue,
+        uploader: Uploader,
+        settler: Settler,
+        background: Background,
+        instance: str,
+        clock: Callable[[], float],
+        deliverer: Deliverer | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.runs = runs
+        self.queue = queue
+        self.uploader = uploader
+        self.settler = settler
+        self.background = background
+        self.instance = instance
+        self.clock = clock
+        self.deliverer = deliverer
+        # one recovery at a time: none queues a job twice
+        self._recovering = asyncio.Lock()
+
+    async def keep_alive(self) -> None:
+        """Heartbeat this instance; adopt the work of instances that went silent."""
+        beats = 0
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await self.store.heartbeat(self.instance, self.clock())
+                beats += 1
+                if beats % 4 == 0 and await self.adopt_orphans():
+                    await self.recover()
+            except Exception:
+                log.exception("[courier] heartbeat failed")
+
+    async def adopt_orphans(self) -> list[str]:
+        adopted = await self.store.adopt_stale(self.instance, self.clock(), STALE_AFTER)
+        for name in adopted:
+            log.warning("[courier] adopted the unfinished work of silent instance %s", name)
+        if adopted and self.deliverer is not None:
+            self.deliverer.wake()
+        return adopted
+
+    async def recover(self) -> None:
+        """Finish or resubmit what a previous process of this instance left unfinished.
+
+        One at a time, since a job being resubmitted is not in `runs` under its old
+        prompt_id.
+        """
+        async with self._recovering:
+            for job in await self.store.unfinished(self.instance):
+                if job.prompt_id in self.runs:
+                    continue  # this process runs it
+                try:
+                    await self._recover(job)
+                except Exception:
+                    log.exception("[courier] could not recover id=%s", job.content_request_id)
+
+    async def _recover(self, job: Job) -> None:
+        workflow = json.loads(job.workflow)
+        run = Run(job, intake.uses_courier_node(workflow), completed=True)
+        if job.state is JobState.UPLOADING and await self.uploader.resume(run):
+            self.runs.add(run)
+            log.info(
+                "[courier] recovered uploads id=%s attempt=%s", job.content_request_id, job.attempt
+            )
+            self.background.spawn(self.settler.finish_uploads(run))
+            return
+        if job.cancel_requested:  # never run again what was asked to stop
+            await self._end(
+                run,
+                ErrorType.CANCELLED,
+                "cancelled while running (DELETE request); ComfyUI stopped before the prompt ended",
+            )
+            return
+        if job.runs >= self.settings.max_attempts:
+            await self._end(
+                run,
+                ErrorType.LOST,
+                f"ComfyUI stopped while this job was {job.state.value} "
+                f"({job.runs} run(s); COURIER_MAX_ATTEMPTS="
+                f"{self.settings.max_attempts})",
+            )
+            return
+        old_prompt_id = job.prompt_id
+        job.prompt_id = str(uuid7())
+        try:
+            prompt, outputs = await self.queue.validated_prompt(job, workflow)
+        except WorkflowRejected as e:
+            job.prompt_id = old_prompt_id
+            await self._end(
+                run,
+                ErrorType.VALIDATION,
+                f"resubmission after a restart failed validation: {e.message}",
+            )
+            return
+        if not await self.store.resubmitted(old_prompt_id, job.prompt_id, self.clock()):
+            return  # it ended while this recovery worked through its list
+        job.runs += 1
+        job.state = JobState.QUEUED
+        job.started_at = job.executed_at = None
+        self.queue.enqueue(Run(job, run.uses_node), prompt, outputs)
+        log.info(
+            "[courier] resubmitted id=%s attempt=%s prompt=%s run=%s",
+            job.content_request_id,
+            job.attempt,
+            job.prompt_id,
+            job.runs,
+        )
+
+    async def _end(self, run: Run, error_type: ErrorType, message: str) -> None:
+        self.runs.add(run)
+        await self.settler.finish(run, error_type, message)

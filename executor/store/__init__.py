@@ -1,0 +1,9 @@
+"""Where jobs, images and callbacks are kept: the `Store` protocol and its backends.
+
+`base.py` is the interface; `sqlite/` the embedded backend (one file, one host). A new
+backend is one more module implementing `Store`, chosen by `open_store`.
+"""
+
+from .base import DuplicateAttempt, OutboxEvent, Store
+
+__all__ = ["DuplicateAttempt", "OutboxEvent", "Store"]

@@ -1,0 +1,130 @@
+"""The store interface: every durable operation the courier needs, as one typed protocol.
+
+The courier never talks to a database directly; it calls a `Store`. The SQLite journal
+(`store/sqlite/`, the embedded default) implements it; a backend for several hosts is one
+more module implementing the same methods with the same guarantees:
+
+- each method is one transaction, committed before it returns (the caller tells nobody
+  about a change before that);
+- `finish` writes a job's final state and its outbox event together, and only once per
+  attempt (False when another path finished it first);
+- writes are applied in the order they were called from the loop: `record_image` is
+  queued at once and commits before any write called after it (a job's `finish` never
+  overtakes its image rows);
+- a failed call raises `StoreError` (it may or may not have been written), except
+  `DuplicateAttempt` for an attempt that exists already.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from ..jobs import CallbackSummary, Job, JobState, Output
+
+R = TypeVar("R")
+
+
+class DuplicateAttempt(Exception):
+    """Another request inserted this (content_request_id, attempt) first."""
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """A final callback waiting for delivery: the exact body is stored, never the headers."""
+
+    event_id: str
+    content_request_id: str
+    attempt: int
+    body: bytes
+    attempts: int
+    created_at: float
+
+
+class Store(Protocol):
+    @property
+    def kind(self) -> str:
+        """Where the store runs, for /courier/health ("process", "thread", ...)."""
+        ...
+
+    on_lost: Callable[[], None] | None
+    """Told when calls were lost in flight (written or not): the courier rescans."""
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    async def admit(
+        self, job: Job, then: Callable[[Job | int], R], after: Callable[[R], None]
+    ) -> R:
+        """Insert `job` as the next attempt of its id unless the latest attempt blocks it.
+
+        `then` gets the blocking attempt or the new attempt number on the loop as soon as
+        the commit is done, even if the caller was cancelled meanwhile; `after` gets
+        `then`'s value just after the caller has resumed with it.
+        """
+        ...
+
+    async def latest(self, content_request_id: str) -> Job | None: ...
+
+    async def count_unfinished(self) -> int: ...
+
+    async def unfinished(self, instance: str) -> list[Job]: ...
+
+    async def set_state(self, prompt_id: str, state: JobState, **fields: Any) -> bool:
+        """Move an unfinished job to another unfinished state; False if it is final."""
+        ...
+
+    async def request_cancel(self, content_request_id: str, attempt: int) -> bool: ...
+
+    async def cancel_requests(self, instance: str) -> list[str]: ...
+
+    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool: ...
+
+    async def finish(self, job: Job, event: OutboxEvent | None) -> bool: ...
+
+    async def prune(self, finished_before: float, limit: int) -> int: ...
+
+    # -- images -------------------------------------------------------------------------
+
+    def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[None]:
+        """Queued now, in order with later writes; await the future for the commit."""
+        ...
+
+    async def images(self, content_request_id: str, attempt: int) -> list[tuple[int, Output]]: ...
+
+    # -- instances ----------------------------------------------------------------------
+
+    async def heartbeat(self, instance: str, now: float) -> None: ...
+
+    async def adopt_stale(self, instance: str, now: float, stale_after: float) -> list[str]: ...
+
+    # -- outbox -------------------------------------------------------------------------
+
+    async def due_events(self, instance: str, now: float, limit: int) -> list[OutboxEvent]: ...
+
+    async def next_due_at(self, instance: str, in_flight: tuple[str, ...] = ()) -> float | None: ...
+
+    async def event_still_current(self, event_id: str) -> bool: ...
+
+    async def record_delivery(
+        self,
+        event_id: str,
+        state: str,
+        attempts: int,
+        now: float,
+        next_attempt_at: float | None = None,
+        last_error: str | None = None,
+    ) -> None: ...
+
+    async def drop_event(self, event_id: str, now: float) -> None: ...
+
+    async def callback_summary(
+        self, content_request_id: str, attempt: int
+    ) -> CallbackSummary | None: ...
+
+    async def outbox_backlog(self) -> tuple[int, int]:
+        """(pending, dead) events."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,143 @@
+"""The SQLite journal as a `Store`: each method is one `Journal` call on the runner.
+
+The runner (a child process by default, a thread as the fallback) runs calls one at a
+time in the order they were made, which gives the store's ordering guarantee. Admissions
+go through a group commit: a burst of requests costs one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ...errors import StoreError
+from ...jobs import CallbackSummary, Job, JobState, Output
+from ..base import OutboxEvent
+from ..group_commit import GroupCommit
+from .journal import Journal
+from .runner import JournalRunner
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class SqliteStore:
+    def __init__(self, runner: JournalRunner) -> None:
+        self.runner = runner
+        self._admit: GroupCommit[Job, Job | int] = GroupCommit(runner, Journal.admit)
+
+    @property
+    def kind(self) -> str:
+        return self.runner.kind
+
+    @property
+    def on_lost(self) -> Callable[[], None] | None:
+        return getattr(self.runner, "on_lost", None)
+
+    @on_lost.setter
+    def on_lost(self, callback: Callable[[], None] | None) -> None:
+        if hasattr(self.runner, "on_lost"):  # only a child process can be lost mid-call
+            self.runner.on_lost = callback
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await self.runner(fn, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise StoreError(f"journal: {e}") from e
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    async def admit(
+        self, job: Job, then: Callable[[Job | int], R], after: Callable[[R], None]
+    ) -> R:
+        try:
+            return await self._admit(job, then, after)
+        except sqlite3.Error as e:
+            raise StoreError(f"journal: {e}") from e
+
+    async def latest(self, content_request_id: str) -> Job | None:
+        return await self._call(Journal.latest, content_request_id)
+
+    async def count_unfinished(self) -> int:
+        return await self._call(Journal.count_unfinished)
+
+    async def unfinished(self, instance: str) -> list[Job]:
+        return await self._call(Journal.unfinished, instance)
+
+    async def set_state(self, prompt_id: str, state: JobState, **fields: Any) -> bool:
+        return await self._call(Journal.set_state, prompt_id, state, **fields)
+
+    async def request_cancel(self, content_request_id: str, attempt: int) -> bool:
+        return await self._call(Journal.request_cancel, content_request_id, attempt)
+
+    async def cancel_requests(self, instance: str) -> list[str]:
+        return await self._call(Journal.cancel_requests, instance)
+
+    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool:
+        return await self._call(Journal.resubmitted, old_prompt_id, new_prompt_id, now)
+
+    async def finish(self, job: Job, event: OutboxEvent | None) -> bool:
+        return await self._call(Journal.finish, job, event)
+
+    async def prune(self, finished_before: float, limit: int) -> int:
+        return await self._call(Journal.prune, finished_before, limit)
+
+    # -- images -------------------------------------------------------------------------
+
+    def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[None]:
+        return self.runner.submit(Journal.record_image, job, seq, output)
+
+    async def images(self, content_request_id: str, attempt: int) -> list[tuple[int, Output]]:
+        return await self._call(Journal.images, content_request_id, attempt)
+
+    # -- instances ----------------------------------------------------------------------
+
+    async def heartbeat(self, instance: str, now: float) -> None:
+        await self._call(Journal.heartbeat, instance, now)
+
+    async def adopt_stale(self, instance: str, now: float, stale_after: float) -> list[str]:
+        return await self._call(Journal.adopt_stale, instance, now, stale_after)
+
+    # -- outbox -------------------------------------------------------------------------
+
+    async def due_events(self, instance: str, now: float, limit: int) -> list[OutboxEvent]:
+        return await self._call(Journal.due_events, instance, now, limit)
+
+    async def next_due_at(self, instance: str, in_flight: tuple[str, ...] = ()) -> float | None:
+        return await self._call(Journal.next_due_at, instance, in_flight)
+
+    async def event_still_current(self, event_id: str) -> bool:
+        return await self._call(Journal.event_still_current, event_id)
+
+    async def record_delivery(
+        self,
+        event_id: str,
+        state: str,
+        attempts: int,
+        now: float,
+        next_attempt_at: float | None = None,
+        last_error: str | None = None,
+    ) -> None:
+        await self._call(
+            Journal.record_delivery, event_id, state, attempts, now, next_attempt_at, last_error
+        )
+
+    async def drop_event(self, event_id: str, now: float) -> None:
+        await self._call(Journal.drop_event, event_id, now)
+
+    async def callback_summary(
+        self, content_request_id: str, attempt: int
+    ) -> CallbackSummary | None:
+        return await self._call(Journal.callback_summary, content_request_id, attempt)
+
+    async def outbox_backlog(self) -> tuple[int, int]:
+        return await self._call(Journal.outbox_backlog)
+
+    async def outbox_counts(self) -> dict[str, int]:
+        """Events per state; scans the whole outbox (tests and diagnostics)."""
+        return await self._call(Journal.outbox_counts)
+
+    async def aclose(self) -> None:
+        await self.runner.aclose()
