@@ -29,29 +29,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    BUCKET,
-    COURIER_HEADERS,
-    SERVICE_KEY,
-    HistoryWatcher,
-    RawClient,
-    TempDir,
-    base_parser,
-    comfy_dir_of,
-    courier_body,
-    p50,
-    pct,
-    print_header,
-    prompt_body,
-    start_peers,
-    start_server,
-    table,
-    unique_id,
-    use_repo_package,
-    verdict,
-    workflow,
-    write_json,
-)
+from checkout import BUCKET, SERVICE_KEY, use_repo_package  # noqa: E402
+from client import HistoryWatcher, RawClient, submit_job, submit_prompt, unique_id  # noqa: E402
+from options import BenchParser, TempDir, comfy_dir_of  # noqa: E402
+from peers import start_peers  # noqa: E402
+from report import print_header, table, verdict, write_json  # noqa: E402
+from servers import start_server  # noqa: E402
+from stats import p50, pct  # noqa: E402
+from workflows import with_save_image, workflow  # noqa: E402
 
 CLIENT_ID = "bench-e2e-plain"
 
@@ -65,14 +50,7 @@ async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str
 
     storage = SupabaseStorage(peers.storage_url, SERVICE_KEY, BUCKET)
     base = workflow("model-free.json")
-    plain_base = json.loads(json.dumps(base))
-    for node in plain_base.values():
-        if node["class_type"] == "SaveAndCallback":
-            node["class_type"] = "SaveImage"
-            node["inputs"] = {
-                "images": node["inputs"]["images"],
-                "filename_prefix": node["inputs"].get("filename_prefix", "ComfyUI"),
-            }
+    plain_base = with_save_image(base)
     watcher = HistoryWatcher(url, CLIENT_ID)
     await watcher.start()
     client = RawClient(url)
@@ -87,11 +65,7 @@ async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str
         wf["1"]["inputs"]["color"] = next_color()
         cid = unique_id("e2e")
         t0 = time.monotonic()
-        status, raw = await client.request(
-            "POST", "/execute-workflow", courier_body(wf, cid), COURIER_HEADERS
-        )
-        if status != 202:
-            raise RuntimeError(f"/execute-workflow -> {status}: {raw[:300]!r}")
+        await submit_job(client, wf, cid)
         deadline = t0 + 60
         while True:
             new = peers.callbacks(seen)
@@ -112,10 +86,7 @@ async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str
         wf = json.loads(json.dumps(plain_base))
         wf["1"]["inputs"]["color"] = next_color()
         t0 = time.monotonic()
-        status, raw = await client.request("POST", "/prompt", prompt_body(wf, CLIENT_ID))
-        if status != 200:
-            raise RuntimeError(f"/prompt -> {status}: {raw[:300]!r}")
-        done = await watcher.wait(json.loads(raw)["prompt_id"])
+        done = await watcher.wait(await submit_prompt(client, wf, CLIENT_ID))
         out["plain"].append(done - t0)
 
     async def upload_once() -> None:
@@ -152,11 +123,11 @@ async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str
 
 
 def main() -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int)
-    args = parser.parse_args()
+    parser = BenchParser(__doc__)
+    parser.add_size("--iterations", 25, 100)
+    args = parser.parse()
     comfy = comfy_dir_of(args)
-    iterations = args.iterations or (25 if args.quick else 100)
+    iterations = args.iterations
     facts = print_header(
         "end to end: request -> callback vs plain ComfyUI + upload + 3 ms",
         "courier p50 <= plain p50 + upload p50 + 3 ms",

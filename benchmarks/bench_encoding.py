@@ -32,25 +32,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    COURIER_HEADERS,
-    RawClient,
-    TempDir,
-    base_parser,
-    comfy_dir_of,
-    courier_body,
-    history_span,
-    http_json,
-    p50,
-    print_header,
-    prompt_body,
-    start_server,
-    table,
-    unique_id,
-    use_repo_package,
-    workflow,
-    write_json,
-)
+from checkout import use_repo_package  # noqa: E402
+from client import RawClient, history_span, http_json, submit_job, submit_prompt, unique_id  # noqa: E402
+from options import BenchParser, TempDir, comfy_dir_of  # noqa: E402
+from report import print_header, table, write_json  # noqa: E402
+from servers import start_server  # noqa: E402
+from stats import p50  # noqa: E402
+from workflows import workflow  # noqa: E402
 
 WIDTH, HEIGHT = 1080, 1920
 FORMATS = ("png", "webp", "jpeg")
@@ -169,8 +157,7 @@ async def through_comfyui(url: str, image_name: str, runs: int) -> dict[str, dic
                         "inputs": {"images": ["1", 0], "filename_prefix": f"enc{n}"},
                     },
                 }
-                status, raw = await client.request("POST", "/prompt", prompt_body(wf, "bench-enc"))
-                prompt_id = json.loads(raw)["prompt_id"]
+                prompt_id = await submit_prompt(client, wf, "bench-enc")
             else:
                 wf = {
                     "1": load,
@@ -184,12 +171,7 @@ async def through_comfyui(url: str, image_name: str, runs: int) -> dict[str, dic
                         },
                     },
                 }
-                status, raw = await client.request(
-                    "POST", "/execute-workflow", courier_body(wf, unique_id("enc")), COURIER_HEADERS
-                )
-                prompt_id = json.loads(raw).get("prompt_id", "")
-            if status not in (200, 202):
-                raise RuntimeError(f"{name}: {status} {raw[:500]!r}")
+                prompt_id = await submit_job(client, wf, unique_id("enc"))
             entry = await wait_history(prompt_id)
             start, end = history_span(entry)
             if n and start is not None and end is not None:
@@ -200,12 +182,12 @@ async def through_comfyui(url: str, image_name: str, runs: int) -> dict[str, dic
 
 
 def main() -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = BenchParser(__doc__)
     parser.add_argument("--image", type=Path, help="a picture to use instead of the synthetic one")
-    parser.add_argument("--runs", type=int)
-    args = parser.parse_args()
+    parser.add_size("--runs", 3, 15)
+    args = parser.parse()
     comfy = comfy_dir_of(args)
-    runs = args.runs or (3 if args.quick else 15)
+    runs = args.runs
     facts = print_header(
         f"encoding: {WIDTH}x{HEIGHT} in png / webp / jpeg (quality {QUALITY})",
         "node png time <= SaveImage png time; time and bytes per format",

@@ -33,28 +33,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    COURIER_HEADERS,
-    JournalReader,
-    Peers,
-    RawClient,
-    Server,
-    TempDir,
-    base_parser,
-    comfy_dir_of,
-    courier_body,
-    p50,
-    pct,
-    print_header,
-    prompt_body,
-    start_peers,
-    start_server,
-    table,
-    unique_id,
-    verdict,
-    workflow,
-    write_json,
-)
+from checkout import CALLBACK_KEY  # noqa: E402
+from client import COURIER_HEADERS, JournalReader, RawClient, courier_body, prompt_body, unique_id  # noqa: E402
+from options import BenchParser, TempDir, comfy_dir_of  # noqa: E402
+from peers import Peers, start_peers  # noqa: E402
+from report import print_header, table, verdict, write_json  # noqa: E402
+from servers import Server, start_server  # noqa: E402
+from stats import p50, pct  # noqa: E402
+from workflows import workflow  # noqa: E402
 
 
 def ui_prompt_body(wf: dict[str, Any]) -> bytes:
@@ -79,7 +65,7 @@ def start_intake_server(base: Path, comfy: Path | None, peers: Peers) -> Server:
         {
             "COURIER_MAX_QUEUE": "1000000",
             "COURIER_CALLBACK_URL": peers.callback_url,
-            "COURIER_CALLBACK_API_KEY": "bench-callback-key-0123456789abcdef",
+            "COURIER_CALLBACK_API_KEY": CALLBACK_KEY,
         },
     )
 
@@ -154,16 +140,14 @@ async def load_phase(
 
 
 def main() -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, help="latency samples per endpoint")
+    parser = BenchParser(__doc__)
+    parser.add_size("--requests", 40, 300, "latency samples per endpoint")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--duration", type=float, help="seconds per throughput phase")
-    parser.add_argument("--rounds", type=int, help="throughput phases per endpoint and mode")
-    args = parser.parse_args()
+    parser.add_size("--duration", 2.0, 5.0, "seconds per throughput phase")
+    parser.add_size("--rounds", 1, 2, "throughput phases per endpoint and mode")
+    args = parser.parse()
     comfy = comfy_dir_of(args)
-    n = args.requests or (40 if args.quick else 300)
-    duration = args.duration or (2.0 if args.quick else 5.0)
-    rounds = args.rounds or (1 if args.quick else 2)
+    n, duration, rounds = args.requests, args.duration, args.rounds
     gap = 0.03 if comfy is None else 0.06
     facts = print_header(
         "intake: POST /execute-workflow vs ComfyUI's POST /prompt",

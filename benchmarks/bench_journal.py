@@ -33,26 +33,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    COURIER_HEADERS,
-    RawClient,
-    TempDir,
-    base_parser,
-    comfy_dir_of,
-    courier_body,
-    free_port,
-    p50,
-    pct,
-    print_header,
-    start_peers,
-    start_server,
-    table,
-    unique_id,
-    use_repo_package,
-    verdict,
-    workflow,
-    write_json,
-)
+from checkout import use_repo_package  # noqa: E402
+from client import COURIER_HEADERS, RawClient, courier_body, unique_id  # noqa: E402
+from options import BenchParser, TempDir, comfy_dir_of  # noqa: E402
+from peers import start_peers  # noqa: E402
+from report import print_header, table, verdict, write_json  # noqa: E402
+from servers import free_port, start_server  # noqa: E402
+from stats import p50, pct  # noqa: E402
+from workflows import workflow  # noqa: E402
 
 
 def fill(path: Path, rows: int, instance: str) -> dict[str, float]:
@@ -210,13 +198,12 @@ async def measure(urls: dict[str, str], n: int, gap: float) -> dict[str, dict[st
 
 
 def main() -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, help="finished jobs in the full journal")
-    parser.add_argument("--requests", type=int, help="intake samples per server")
-    args = parser.parse_args()
+    parser = BenchParser(__doc__)
+    parser.add_size("--rows", 20_000, 100_000, "finished jobs in the full journal")
+    parser.add_size("--requests", 40, 200, "intake samples per server")
+    args = parser.parse()
     comfy = comfy_dir_of(args)
-    rows = args.rows or (20_000 if args.quick else 100_000)
-    n = args.requests or (40 if args.quick else 200)
+    rows, n = args.rows, args.requests
     facts = print_header(
         f"journal: empty vs {rows:,} finished jobs",
         "intake p50 (full/empty) <= 1.05x; RSS(full) - RSS(empty) <= 8 MiB",

@@ -1,6 +1,6 @@
 """A second custom node the benchmarks load into a real ComfyUI next to comfy_courier.
 
-`_common.start_server` writes `<temp>/nodes/custom_nodes/courier_bench_tools/__init__.py`,
+`servers.start_server` writes `<temp>/nodes/custom_nodes/courier_bench_tools/__init__.py`,
 which executes this file. It adds one node, `CourierBenchSleep` (images in, the same images
 out after `seconds` of time.sleep: the GIL is free, like a GPU job), used to keep ComfyUI's
 worker busy while intake is measured.

@@ -30,26 +30,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    COURIER_HEADERS,
-    RawClient,
-    TempDir,
-    base_parser,
-    comfy_dir_of,
-    courier_body,
-    history_span,
-    http_json,
-    p50,
-    print_header,
-    prompt_body,
-    start_peers,
-    start_server,
-    table,
-    unique_id,
-    verdict,
-    workflow,
-    write_json,
-)
+from client import RawClient, history_span, http_json, submit_job, submit_prompt, unique_id  # noqa: E402
+from options import BenchParser, TempDir, comfy_dir_of  # noqa: E402
+from peers import start_peers  # noqa: E402
+from report import print_header, table, verdict, write_json  # noqa: E402
+from servers import start_server  # noqa: E402
+from stats import p50  # noqa: E402
+from workflows import with_save_image, workflow  # noqa: E402
 
 
 def job_maker(comfy: Path | None, name: str) -> tuple[str, Callable[[int], dict[str, Any]]]:
@@ -100,13 +87,10 @@ async def run_batch(
     async def post(i: int) -> tuple[str, str]:
         cid = unique_id("worker")
         client = RawClient(url)
-        status, raw = await client.request(
-            "POST", "/execute-workflow", courier_body(make(seq * 1000 + i), cid), COURIER_HEADERS
-        )
-        await client.close()
-        if status != 202:
-            raise RuntimeError(f"POST /execute-workflow -> {status}: {raw[:300]!r}")
-        return cid, json.loads(raw)["prompt_id"]
+        try:
+            return cid, await submit_job(client, make(seq * 1000 + i), cid)
+        finally:
+            await client.close()
 
     posted = await asyncio.gather(*(post(i) for i in range(jobs)))
     wanted = {cid for cid, _ in posted}
@@ -138,16 +122,6 @@ async def run_batch(
     }
 
 
-def plain_of(wf: dict[str, Any]) -> dict[str, Any]:
-    """The same graph ending in ComfyUI's SaveImage instead of SaveAndCallback."""
-    out = json.loads(json.dumps(wf))
-    for node in out.values():
-        if node["class_type"] == "SaveAndCallback":
-            node["class_type"] = "SaveImage"
-            node["inputs"] = {"images": node["inputs"]["images"], "filename_prefix": "plain"}
-    return out
-
-
 async def run_plain_batch(
     url: str, make: Callable[[int], dict[str, Any]], jobs: int, seq: int, timeout: float = 600.0
 ) -> dict[str, Any]:
@@ -155,13 +129,10 @@ async def run_plain_batch(
 
     async def post(i: int) -> str:
         client = RawClient(url)
-        status, raw = await client.request(
-            "POST", "/prompt", prompt_body(plain_of(make(seq * 1000 + i)))
-        )
-        await client.close()
-        if status != 200:
-            raise RuntimeError(f"POST /prompt -> {status}: {raw[:300]!r}")
-        return str(json.loads(raw)["prompt_id"])
+        try:
+            return await submit_prompt(client, with_save_image(make(seq * 1000 + i), "plain"))
+        finally:
+            await client.close()
 
     ids = await asyncio.gather(*(post(i) for i in range(jobs)))
     deadline = time.monotonic() + timeout
@@ -183,16 +154,16 @@ async def run_plain_batch(
 
 
 def main() -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = BenchParser(__doc__)
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.6, help="storage answer delay (s)")
-    parser.add_argument("--rounds", type=int, help="ABBA rounds (2 batches of each per round)")
+    parser.add_size("--rounds", 1, 3, "ABBA rounds (2 batches of each per round)")
     parser.add_argument(
         "--workflow", choices=["txt2img", "model-free"], default="txt2img", help="real ComfyUI only"
     )
-    args = parser.parse_args()
+    args = parser.parse()
     comfy = comfy_dir_of(args)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds
     facts = print_header(
         "worker: busy span of back-to-back jobs, slow vs instant storage",
         f"span with storage {args.delay * 1000:.0f} ms late <= 1.05x span with instant storage",

@@ -23,18 +23,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    TempDir,
-    base_parser,
-    child_pids,
-    comfy_dir_of,
-    print_header,
-    start_peers,
-    table,
-    workflow,
-    write_json,
-)
 from bench_intake import load_phase, start_intake_server  # noqa: E402
+from options import BenchParser, TempDir, comfy_dir_of  # noqa: E402
+from peers import start_peers  # noqa: E402
+from report import print_header, table, write_json  # noqa: E402
+from servers import child_pids  # noqa: E402
+from workflows import workflow  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -73,14 +67,13 @@ def client_cpu() -> float:
 
 
 def main() -> int:
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = BenchParser(__doc__)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--duration", type=float, help="seconds per phase")
-    parser.add_argument("--rounds", type=int, help="P C C P rounds")
-    args = parser.parse_args()
+    parser.add_size("--duration", 2.0, 4.0, "seconds per phase")
+    parser.add_size("--rounds", 1, 3, "P C C P rounds")
+    args = parser.parse()
     comfy = comfy_dir_of(args)
-    duration = args.duration or (2.0 if args.quick else 4.0)
-    rounds = args.rounds or (1 if args.quick else 3)
+    duration, rounds = args.duration, args.rounds
     facts = print_header(
         "intake CPU: server CPU per request, by thread (diagnostic)",
         "none; shows where bench_intake's req/s ratio comes from",

@@ -1,5 +1,10 @@
-"""The benchmarks' loopback peers, in their own process: a Supabase-Storage-compatible server
-(tests/fakes/storage_server.py, so the real `supabase` client runs) and a callback receiver.
+"""The peers a run talks to (storage and callback receiver), in a process no one measures.
+
+A Supabase-Storage-compatible server (tests/fakes/storage_server.py, so the real `supabase`
+client runs) and a callback receiver, in a process of their own so neither the client nor
+the server pays for them.
+
+`start_peers(log)` starts the process and returns a `Peers` handle; by hand:
 
     python benchmarks/peers.py [--service-key K] [--bucket B]
 
@@ -18,21 +23,74 @@ import argparse
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TESTS  # noqa: E402
-
-sys.path.insert(0, str(TESTS))
-from aiohttp import web  # noqa: E402
-
-from fakes.storage_server import FakeStorage, start_storage_server  # noqa: E402
+from checkout import BENCH, BUCKET, SERVICE_KEY, TESTS
+from client import http_json
+from servers import stop_process
 
 
-async def main(args: argparse.Namespace) -> None:
+@dataclass
+class Peers:
+    """The running peers process: its URLs and its control API."""
+
+    process: subprocess.Popen[bytes]
+    storage_url: str
+    control_url: str
+
+    @property
+    def callback_url(self) -> str:
+        return f"{self.control_url}/callback"
+
+    def supabase_env(self) -> dict[str, str]:
+        """The courier's settings for uploading here and calling back here."""
+        return {
+            "COURIER_STORAGE": "supabase",
+            "SUPABASE_URL": self.storage_url,
+            "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+            "COURIER_CALLBACK_URL": self.callback_url,
+        }
+
+    def set_delay(self, seconds: float) -> None:
+        http_json(f"{self.control_url}/delay", "POST", {"seconds": seconds})
+
+    def callbacks(self, since: int = 0) -> list[dict[str, Any]]:
+        return list(http_json(f"{self.control_url}/callbacks?since={since}")[1])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(http_json(f"{self.control_url}/stats")[1])
+
+    def stop(self) -> None:
+        stop_process(self.process, 5)
+
+
+def start_peers(log: Path) -> Peers:
+    process = subprocess.Popen(
+        [sys.executable, str(BENCH / "peers.py"), "--service-key", SERVICE_KEY, "--bucket", BUCKET],
+        stdout=subprocess.PIPE,
+        stderr=log.open("wb"),
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    if not line.startswith("READY "):
+        stop_process(process, 2)
+        raise RuntimeError(f"peers did not start: {line!r}; see {log}")
+    info = json.loads(line[6:])
+    return Peers(process, info["storage_url"], info["control_url"])
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """The peers process itself (`python benchmarks/peers.py`): serves until SIGTERM."""
+    sys.path.insert(0, str(TESTS))
+    from aiohttp import web
+
+    from fakes.storage_server import FakeStorage, start_storage_server
+
     state = FakeStorage(service_key=args.service_key)
     state.add_bucket(args.bucket, public=True)
     storage_url, stop_storage = await start_storage_server(state)
@@ -100,4 +158,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--service-key", default="service-role-key")
     parser.add_argument("--bucket", default="comfy-outputs")
-    asyncio.run(main(parser.parse_args()))
+    asyncio.run(serve(parser.parse_args()))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import use_repo_package  # noqa: E402
+from checkout import use_repo_package  # noqa: E402
 
 use_repo_package()
 
