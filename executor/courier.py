@@ -74,10 +74,10 @@ class Courier:
         self.queue = queue = ComfyQueue(comfy, runs, clock)
         self.status_reader = reader = StatusReader(settings, store, runs, queue)
         self.uploader = uploader = Uploader(
-            settings, store, storage, comfy, metrics, upload_schedule
+            settings, store, storage, comfy, metrics, upload_schedule, background
         )
         self.settler = settler = Settler(
-            settings, store, runs, uploader, clock, metrics, deliverer, status
+            settings, store, runs, uploader, clock, metrics, deliverer, status, background
         )
         self.admission = Admission(
             settings, store, runs, queue, reader, settler, background, id_locks, instance,

@@ -22,11 +22,13 @@ from .runs import Run, Runs
 from .settings import Settings
 from .status_updates import StatusNotifier
 from .store import OutboxEvent, Store
+from .tasks import Background
 from .uploads import Uploader
 
 log = logging.getLogger(__name__)
 
-JOURNAL_RETRY = (0.1, 0.5, 2.0, 5.0)  # waits between tries of a final-state write
+JOURNAL_RETRY = (0.1, 0.5, 2.0, 5.0)  # waits between the first tries of a final-state write
+STUCK_RETRY_MAX = 10.0  # then a try at least this often, for as long as the process lives
 
 
 class Settler:
@@ -40,7 +42,9 @@ class Settler:
         metrics: Metrics,
         deliverer: Deliverer | None,
         status_updates: StatusNotifier | None,
+        background: Background,
     ) -> None:
+        self.background = background
         self.settings = settings
         self.store = store
         self.runs = runs
@@ -70,10 +74,6 @@ class Settler:
             job.started_at = job.executed_at
         try:
             await self._settle(run, completion)
-        except StoreError:
-            # the journal is failing: leave the job unfinished for the next start-up rather
-            # than report an outcome it did not have
-            log.exception("[courier] journal failed while finishing id=%s", job.content_request_id)
         except Exception as e:  # whatever else breaks, the job still ends with one callback
             log.exception("[courier] finishing id=%s failed", job.content_request_id)
             await self.finish(run, ErrorType.EXECUTION, f"comfy-courier failed: {e!r}"[:500])
@@ -96,13 +96,22 @@ class Settler:
             return
         if not run.uses_node:
             await self.uploader.collect_saved_files(run, completion)
-        await self.store.set_state(
-            job.prompt_id,
-            JobState.UPLOADING,
-            executed_at=job.executed_at,
-            started_at=job.started_at,
-            expected_images=len(run.uploads),
-        )
+        try:
+            await self.store.set_state(
+                job.prompt_id,
+                JobState.UPLOADING,
+                executed_at=job.executed_at,
+                started_at=job.started_at,
+                expected_images=len(run.uploads),
+            )
+        except StoreError as e:
+            # Only crash recovery reads it (to resume uploads): without it a crash re-runs
+            # the prompt instead. The uploads and the final write go on.
+            log.error(
+                "[courier] could not record id=%s as uploading (%s); going on",
+                job.content_request_id,
+                e,
+            )
         job.state = JobState.UPLOADING
         log.debug(
             "[courier] uploading id=%s prompt=%s images=%d",
@@ -143,9 +152,10 @@ class Settler:
     ) -> bool:
         """Commit the final state and its callback event, once. False if already final.
 
-        The journal gets a snapshot; the live job changes only once the commit is done.
-        A journal that keeps failing leaves the job unfinished in memory and on disk: the
-        next start-up recovers it, so it is never reported with a made-up outcome.
+        The store gets a snapshot; the live job changes only once the commit is done. A
+        store that keeps failing is tried again in the background for as long as this
+        process lives (the callback follows within seconds of the store coming back); the
+        job is never reported with a made-up outcome.
         """
         run.completed = True
         ordered = sorted(outputs or [], key=lambda o: (_node_order(o.node_id), o.index))
@@ -172,36 +182,51 @@ class Settler:
             )
         if self.status_updates is not None:
             self.status_updates.close(final)  # nothing intermediate after the final event
-        finished = await self._commit_final(final, event)
-        if finished is None:
-            return False
+        for delay in (*JOURNAL_RETRY, None):
+            try:
+                return self._finished(run, final, event, await self.store.finish(final, event))
+            except StoreError as e:
+                if delay is None:
+                    # Never given up while this process lives: the run keeps its place
+                    # under COURIER_MAX_QUEUE until its end is written.
+                    self.background.spawn(self._finish_when_writable(run, final, event, e))
+                    return False
+                log.error("[courier] journal write failed (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+        return False
+
+    async def _finish_when_writable(
+        self, run: Run, final: Job, event: OutboxEvent | None, error: StoreError
+    ) -> None:
+        delay = JOURNAL_RETRY[-1]
+        while True:
+            log.error(
+                "[courier] cannot record the end of id=%s attempt=%s (%s); trying again in %.0f s",
+                final.content_request_id,
+                final.attempt,
+                error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STUCK_RETRY_MAX)
+            try:
+                finished = await self.store.finish(final, event)
+            except StoreError as e:
+                error = e
+                continue
+            self._finished(run, final, event, finished)
+            return
+
+    def _finished(self, run: Run, final: Job, event: OutboxEvent | None, written: bool) -> bool:
+        """After the final write's answer: free the run's place, report and deliver once."""
         self.runs.pop(final.prompt_id)
         run.job = final
-        if not finished:
+        if not written:  # another path finished it first
             return False
         self._report_final(final)
         if event is not None and self.deliverer is not None:
             self.deliverer.deliver_now(event)
         return True
-
-    async def _commit_final(self, final: Job, event: OutboxEvent | None) -> bool | None:
-        """Store.finish with retries; None when the journal stays unwritable."""
-        for delay in (*JOURNAL_RETRY, None):
-            try:
-                return await self.store.finish(final, event)
-            except StoreError as e:
-                if delay is None:
-                    log.critical(
-                        "[courier] cannot record the end of id=%s attempt=%s (%s); it will be "
-                        "recovered at the next start",
-                        final.content_request_id,
-                        final.attempt,
-                        e,
-                    )
-                    return None
-                log.error("[courier] journal write failed (%s); retrying in %.1f s", e, delay)
-                await asyncio.sleep(delay)
-        return None
 
     def _report_final(self, job: Job) -> None:
         if job.started_at is not None and job.finished_at is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,11 @@ from .runs import Run
 from .settings import Settings
 from .storage import Storage
 from .store import Store
+from .tasks import Background
 
 log = logging.getLogger(__name__)
+
+RECORD_RETRY = (0.05, 0.2, 1.0)  # waits between tries of an image row
 
 
 def _retryable(error: BaseException) -> bool:
@@ -61,7 +64,9 @@ class Uploader:
         comfy: ComfyPort,
         metrics: Metrics,
         schedule: tuple[float, ...],
+        background: Background,
     ) -> None:
+        self.background = background
         self.settings = settings
         self.store = store
         self.storage = storage
@@ -98,7 +103,7 @@ class Uploader:
         # The image's row is queued in the store first, so it commits before the job's
         # later writes (uploading, final): a crash still finds it. The upload need not
         # wait for that commit.
-        recorded = self.store.record_image(job, seq, output)
+        recorded = asyncio.ensure_future(self._record(job, seq, output))  # queued now
         try:
             url = await self.put(output.key, data, output.content_type)
         finally:
@@ -106,8 +111,38 @@ class Uploader:
         stored = replace(output, url=url)
         # Not awaited: queued now, it commits before the job's final write, which is
         # queued later. The callback leaves one journal trip sooner.
-        self.store.record_image(job, seq, stored).add_done_callback(_log_failure)
+        self.background.spawn(self._record(job, seq, stored))  # queued now
         return stored
+
+    def _record(self, job: Job, seq: int, output: Output) -> Coroutine[Any, Any, None]:
+        """Record an image row, retried: it is what crash recovery resumes uploads from.
+
+        The first try is queued in the store at once, so it keeps its place before the
+        job's later writes. Never fails the job: an image in storage is delivered even if
+        its row could not be written (a crash before the job's end then runs the prompt
+        again instead of resuming its uploads).
+        """
+        return self._retry_record(job, seq, output, self.store.record_image(job, seq, output))
+
+    async def _retry_record(
+        self, job: Job, seq: int, output: Output, first: Awaitable[None]
+    ) -> None:
+        attempt = first
+        for delay in (*RECORD_RETRY, None):
+            try:
+                await attempt
+                return
+            except Exception as e:  # the store's error, or the runner's (sqlite3)
+                if delay is None:
+                    log.error(
+                        "[courier] could not record image %s of id=%s (%s); going on",
+                        output.key,
+                        job.content_request_id,
+                        e,
+                    )
+                    return
+                await asyncio.sleep(delay)
+                attempt = self.store.record_image(job, seq, output)
 
     async def put(self, key: str, data: bytes, content_type: str) -> str:
         started = time.perf_counter()
@@ -184,8 +219,3 @@ class Uploader:
         for seq, output, data in pending:
             run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
         return True
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("[courier] journal write failed", exc_info=future.exception())
