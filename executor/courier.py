@@ -4,7 +4,7 @@
             -> WorkerEvents -> Uploader -> Settler (final state + outbox event, one commit)
             -> Deliverer (the callback)
     beside it: QueueWatch (starts, timeouts, a dead worker), Cancellation, Recovery
-    (restarts, silent instances), Retention, Health.
+    (restarts, silent instances), Fencing (runs taken over elsewhere), Retention, Health.
 
 Everything here runs on ComfyUI's server loop. The store is the source of truth; `Runs`
 holds only the upload tasks and progress of jobs this process is running.
@@ -24,6 +24,7 @@ from .cancellation import Cancellation
 from .comfy_port import ComfyPort
 from .comfy_queue import ComfyQueue
 from .delivery import Deliverer
+from .fencing import Fencing
 from .health import Health
 from .images import EncodedImage
 from .keyed_lock import KeyedLock
@@ -76,9 +77,11 @@ class Courier:
         self.uploader = uploader = Uploader(
             settings, store, storage, comfy, metrics, upload_schedule, background
         )
+        self.fencing = fencing = Fencing(store, runs, comfy, instance, status)
         self.settler = settler = Settler(
-            settings, store, runs, uploader, clock, metrics, deliverer, status, background
-        )
+            settings, store, runs, uploader, clock, metrics, deliverer, status, background,
+            fencing,
+        )  # fmt: skip
         self.admission = Admission(
             settings, store, runs, queue, reader, settler, background, id_locks, instance,
             clock, metrics, status,
@@ -90,7 +93,7 @@ class Courier:
         self.watch = QueueWatch(settings, comfy, runs, settler, cancellation, clock)
         self.recovery = Recovery(
             settings, store, runs, queue, uploader, settler, background, instance, clock,
-            deliverer,
+            deliverer, fencing,
         )  # fmt: skip
         self.retention = Retention(settings, store, clock, metrics)
         self.health_report = Health(settings, comfy, store, storage, runs, metrics, deliverer)

@@ -15,6 +15,7 @@ from . import intake
 from .comfy_queue import ComfyQueue
 from .delivery import Deliverer
 from .errors import WorkflowRejected
+from .fencing import Fencing
 from .ids import uuid7
 from .jobs import ErrorType, Job, JobState
 from .runs import Run, Runs
@@ -26,8 +27,7 @@ from .uploads import Uploader
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 15.0
-STALE_AFTER = 90.0  # an instance silent this long has its work adopted by a live one
+HEARTBEAT_MAX = 5.0  # s between heartbeats at most (COURIER_TAKEOVER_AFTER / 4 if less)
 
 
 class Recovery:
@@ -43,7 +43,9 @@ class Recovery:
         instance: str,
         clock: Callable[[], float],
         deliverer: Deliverer | None,
+        fencing: Fencing,
     ) -> None:
+        self.fencing = fencing
         self.settings = settings
         self.store = store
         self.runs = runs
@@ -57,21 +59,27 @@ class Recovery:
         # one recovery at a time: none queues a job twice
         self._recovering = asyncio.Lock()
 
+    @property
+    def heartbeat_interval(self) -> float:
+        return min(HEARTBEAT_MAX, self.settings.takeover_after / 4)
+
     async def keep_alive(self) -> None:
-        """Heartbeat this instance; adopt the work of instances that went silent."""
-        beats = 0
+        """Heartbeat this instance; stop runs another instance took over while this one
+        was silent; adopt the work of instances that went silent."""
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self.store.heartbeat(self.instance, self.clock())
-                beats += 1
-                if beats % 4 == 0 and await self.adopt_orphans():
+                await self.fencing.check()
+                if await self.adopt_orphans():
                     await self.recover()
             except Exception:
                 log.exception("[courier] heartbeat failed")
 
     async def adopt_orphans(self) -> list[str]:
-        adopted = await self.store.adopt_stale(self.instance, self.clock(), STALE_AFTER)
+        adopted = await self.store.adopt_stale(
+            self.instance, self.clock(), self.settings.takeover_after
+        )
         for name in adopted:
             log.warning("[courier] adopted the unfinished work of silent instance %s", name)
         if adopted and self.deliverer is not None:
@@ -96,7 +104,7 @@ class Recovery:
     async def _recover(self, job: Job) -> None:
         workflow = json.loads(job.workflow)
         run = Run(job, intake.uses_courier_node(workflow), completed=True)
-        if job.state is JobState.UPLOADING and await self.uploader.resume(run):
+        if job.state is JobState.UPLOADING and await self._reclaim(run):
             self.runs.add(run)
             log.info(
                 "[courier] recovered uploads id=%s attempt=%s", job.content_request_id, job.attempt
@@ -131,8 +139,10 @@ class Recovery:
                 f"resubmission after a restart failed validation: {e.message}",
             )
             return
-        if not await self.store.resubmitted(old_prompt_id, job.prompt_id, self.clock()):
+        epoch = await self.store.resubmitted(old_prompt_id, job.prompt_id, self.clock())
+        if epoch is None:
             return  # it ended while this recovery worked through its list
+        job.epoch = epoch
         job.runs += 1
         job.state = JobState.QUEUED
         job.started_at = job.executed_at = None
@@ -144,6 +154,15 @@ class Recovery:
             job.prompt_id,
             job.runs,
         )
+
+    async def _reclaim(self, run: Run) -> bool:
+        """Resume a run's uploads here, under a new epoch; False to run it again instead."""
+        job = run.job
+        epoch = await self.store.reclaim(job.prompt_id, job.epoch)
+        if epoch is None:
+            return False
+        job.epoch = epoch
+        return await self.uploader.resume(run)
 
     async def _end(self, run: Run, error_type: ErrorType, message: str) -> None:
         self.runs.add(run)

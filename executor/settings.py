@@ -49,6 +49,7 @@ class Settings:
     retry_horizon: float = 86400.0
     retention_days: float = 30.0  # 0: keep finished jobs forever
     max_attempts: int = 2
+    takeover_after: float = 30.0  # s of heartbeat silence before a sibling takes jobs over
     progress_interval: float = 1.0
     keep_metadata: bool = False
     problems: tuple[str, ...] = ()
@@ -169,6 +170,7 @@ class Settings:
             retry_horizon=number("COURIER_RETRY_HORIZON", 86400, 0),
             retention_days=number("COURIER_RETENTION_DAYS", 30, 0),
             max_attempts=int(number("COURIER_MAX_ATTEMPTS", 2, 1, integer=True)),
+            takeover_after=number("COURIER_TAKEOVER_AFTER", 30, 1),
             progress_interval=number("COURIER_PROGRESS_INTERVAL", 1, 0),
             keep_metadata=keep_raw in _TRUE,
             problems=tuple(problems),

@@ -15,6 +15,7 @@ from dataclasses import replace
 from .comfy_port import Completion
 from .delivery import Deliverer
 from .errors import StorageError, StoreError
+from .fencing import Fencing
 from .ids import uuid7
 from .jobs import ErrorType, Job, JobState, Output, callback_body
 from .metrics import Metrics
@@ -43,8 +44,10 @@ class Settler:
         deliverer: Deliverer | None,
         status_updates: StatusNotifier | None,
         background: Background,
+        fencing: Fencing,
     ) -> None:
         self.background = background
+        self.fencing = fencing
         self.settings = settings
         self.store = store
         self.runs = runs
@@ -62,7 +65,11 @@ class Settler:
         job.started_at = started_at or self.clock()
         if self.status_updates is not None:
             self.status_updates.update(job, "running", 0.0)
-        await self.store.set_state(job.prompt_id, JobState.RUNNING, started_at=job.started_at)
+        if not await self.store.set_state(
+            job.prompt_id, JobState.RUNNING, epoch=job.epoch, started_at=job.started_at
+        ):
+            self.fencing.stop(job.prompt_id, "the store refused its start")
+            return
         log.debug("[courier] running id=%s prompt=%s", job.content_request_id, job.prompt_id)
 
     # -- ComfyUI reported the prompt's end ----------------------------------------------
@@ -97,13 +104,16 @@ class Settler:
         if not run.uses_node:
             await self.uploader.collect_saved_files(run, completion)
         try:
-            await self.store.set_state(
+            if not await self.store.set_state(
                 job.prompt_id,
                 JobState.UPLOADING,
+                epoch=job.epoch,
                 executed_at=job.executed_at,
                 started_at=job.started_at,
                 expected_images=len(run.uploads),
-            )
+            ):
+                self.fencing.stop(job.prompt_id, "the store refused its end")
+                return
         except StoreError as e:
             # Only crash recovery reads it (to resume uploads): without it a crash re-runs
             # the prompt instead. The uploads and the final write go on.
@@ -221,7 +231,15 @@ class Settler:
         """After the final write's answer: free the run's place, report and deliver once."""
         self.runs.pop(final.prompt_id)
         run.job = final
-        if not written:  # another path finished it first
+        if not written:  # another path finished it first, or another process took it over
+            log.info(
+                "[courier] id=%s attempt=%s epoch=%s: not recorded as %s; it ended already "
+                "or another instance took it over",
+                final.content_request_id,
+                final.attempt,
+                final.epoch,
+                final.state.value,
+            )
             return False
         self._report_final(final)
         if event is not None and self.deliverer is not None:

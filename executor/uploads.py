@@ -18,7 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from .comfy_port import ComfyPort, Completion
 from .errors import StorageError
 from .images import EncodedImage, sanitize_file
-from .jobs import Job, Output
+from .jobs import Job, Output, object_key
 from .metrics import Metrics
 from .runs import Run
 from .settings import Settings
@@ -53,6 +53,10 @@ async def upload_with_retry(
         with attempt:
             return await storage.put(key, data, content_type)
     raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+class Fenced(Exception):
+    """The store refused an image row: another process took the run over."""
 
 
 class Uploader:
@@ -90,7 +94,7 @@ class Uploader:
         output = Output(
             node_id=node_id,
             index=index,
-            key=f"{job.content_request_id}/{job.attempt}-{seq}.{image.extension}",
+            key=object_key(job, seq, image.extension),
             content_type=image.content_type,
             bytes=len(data),
             width=image.width,
@@ -107,14 +111,16 @@ class Uploader:
         try:
             url = await self.put(output.key, data, output.content_type)
         finally:
-            await recorded
+            current = await recorded
+        if not current:
+            raise Fenced(f"another instance took over id={job.content_request_id}")
         stored = replace(output, url=url)
         # Not awaited: queued now, it commits before the job's final write, which is
         # queued later. The callback leaves one journal trip sooner.
         self.background.spawn(self._record(job, seq, stored))  # queued now
         return stored
 
-    def _record(self, job: Job, seq: int, output: Output) -> Coroutine[Any, Any, None]:
+    def _record(self, job: Job, seq: int, output: Output) -> Coroutine[Any, Any, bool]:
         """Record an image row, retried: it is what crash recovery resumes uploads from.
 
         The first try is queued in the store at once, so it keeps its place before the
@@ -125,13 +131,13 @@ class Uploader:
         return self._retry_record(job, seq, output, self.store.record_image(job, seq, output))
 
     async def _retry_record(
-        self, job: Job, seq: int, output: Output, first: Awaitable[None]
-    ) -> None:
+        self, job: Job, seq: int, output: Output, first: Awaitable[bool]
+    ) -> bool:
+        """True unless the store refused the row: the run was taken over (fenced)."""
         attempt = first
         for delay in (*RECORD_RETRY, None):
             try:
-                await attempt
-                return
+                return await attempt
             except Exception as e:  # the store's error, or the runner's (sqlite3)
                 if delay is None:
                     log.error(
@@ -140,9 +146,10 @@ class Uploader:
                         job.content_request_id,
                         e,
                     )
-                    return
+                    return True
                 await asyncio.sleep(delay)
                 attempt = self.store.record_image(job, seq, output)
+        return True
 
     async def put(self, key: str, data: bytes, content_type: str) -> str:
         started = time.perf_counter()
@@ -210,7 +217,9 @@ class Uploader:
                 data = (
                     await asyncio.to_thread(sanitize_file, data, self.settings.keep_metadata)
                 ).data
-            pending.append((seq, output, data))
+            # under the run's new epoch: never the key a stalled owner may still write
+            extension = output.key.rpartition(".")[2]
+            pending.append((seq, replace(output, key=object_key(job, seq, extension)), data))
         for _, output in recorded:
             if output.url:  # stored before the restart: not uploaded again
                 done: asyncio.Future[Output] = asyncio.get_running_loop().create_future()

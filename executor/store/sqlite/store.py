@@ -66,8 +66,10 @@ class SqliteStore:
     async def unfinished(self, instance: str) -> list[Job]:
         return await self._call(Journal.unfinished, instance)
 
-    async def set_state(self, prompt_id: str, state: JobState, **fields: Any) -> bool:
-        return await self._call(Journal.set_state, prompt_id, state, **fields)
+    async def set_state(
+        self, prompt_id: str, state: JobState, *, epoch: int | None = None, **fields: Any
+    ) -> bool:
+        return await self._call(Journal.set_state, prompt_id, state, epoch=epoch, **fields)
 
     async def request_cancel(self, content_request_id: str, attempt: int) -> bool:
         return await self._call(Journal.request_cancel, content_request_id, attempt)
@@ -75,8 +77,14 @@ class SqliteStore:
     async def cancel_requests(self, instance: str) -> list[str]:
         return await self._call(Journal.cancel_requests, instance)
 
-    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool:
+    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> int | None:
         return await self._call(Journal.resubmitted, old_prompt_id, new_prompt_id, now)
+
+    async def reclaim(self, prompt_id: str, epoch: int) -> int | None:
+        return await self._call(Journal.reclaim, prompt_id, epoch)
+
+    async def fenced(self, instance: str, runs: list[tuple[str, int]]) -> list[str]:
+        return await self._call(Journal.fenced, instance, runs)
 
     async def finish(self, job: Job, event: OutboxEvent | None) -> bool:
         return await self._call(Journal.finish, job, event)
@@ -86,7 +94,7 @@ class SqliteStore:
 
     # -- images -------------------------------------------------------------------------
 
-    def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[None]:
+    def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[bool]:
         return self.runner.submit(Journal.record_image, job, seq, output)
 
     async def images(self, content_request_id: str, attempt: int) -> list[tuple[int, Output]]:
