@@ -13,6 +13,7 @@ holds only the upload tasks and progress of jobs this process is running.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,8 @@ from .uploads import Uploader
 from .watch import QueueWatch
 from .worker_events import WorkerEvents
 
+log = logging.getLogger(__name__)
+
 
 class Courier:
     def __init__(
@@ -69,6 +72,7 @@ class Courier:
         if deliverer is not None:
             deliverer.on_outcome = lambda outcome: metrics.callback_attempts.labels(outcome).inc()
         self.ready = asyncio.Event()
+        self.twin = False  # another live process holds this instance name
         self.runs = runs = Runs()
         self.background = background = Background()
         id_locks = KeyedLock()
@@ -103,6 +107,15 @@ class Courier:
     async def start(self) -> None:
         """Recover what a previous process left, then watch the queue and deliver."""
         self.worker_events.listen(self.comfy, asyncio.get_running_loop())
+        if not await asyncio.to_thread(self.store.claim_instance, self.instance):
+            self.twin = True
+            log.critical(
+                "[courier] another live process runs as instance %r (COURIER_INSTANCE, or "
+                "equal hostname and port): this one recovers and adopts nothing; give each "
+                "ComfyUI process its own COURIER_INSTANCE",
+                self.instance,
+            )
+            self.recovery.enabled = False
         await self.store.heartbeat(self.instance, self.clock())
         await self.recovery.adopt_orphans()
         await self.recovery.recover()
@@ -116,6 +129,7 @@ class Courier:
 
     async def stop(self) -> None:
         await self.background.stop()
+        self.store.release_instance()
         if self.deliverer is not None:
             await self.deliverer.close()
 
@@ -152,7 +166,7 @@ class Courier:
         self.worker_events.images_saved(prompt_id, node_id, content_request_id, images)
 
     async def health(self) -> dict[str, Any]:
-        return await self.health_report.report(self.ready.is_set())
+        return await self.health_report.report(self.ready.is_set(), self.twin)
 
     async def metrics_text(self) -> bytes:
         return await self.health_report.metrics_text()

@@ -58,6 +58,8 @@ class Recovery:
         self.deliverer = deliverer
         # one recovery at a time: none queues a job twice
         self._recovering = asyncio.Lock()
+        # off while a live twin shares this instance name: its jobs look like ours
+        self.enabled = True
 
     @property
     def heartbeat_interval(self) -> float:
@@ -77,6 +79,8 @@ class Recovery:
                 log.exception("[courier] heartbeat failed")
 
     async def adopt_orphans(self) -> list[str]:
+        if not self.enabled:
+            return []
         adopted = await self.store.adopt_stale(
             self.instance, self.clock(), self.settings.takeover_after
         )
@@ -92,6 +96,8 @@ class Recovery:
         One at a time, since a job being resubmitted is not in `runs` under its old
         prompt_id.
         """
+        if not self.enabled:
+            return
         async with self._recovering:
             for job in await self.store.unfinished(self.instance):
                 if job.prompt_id in self.runs:

@@ -94,3 +94,27 @@ async def test_a_stalled_instance_is_taken_over_and_fenced(make_harness, receive
 
 async def _contains(path: Path, text: bytes) -> bool:
     return text in path.read_bytes()
+
+
+async def test_two_live_processes_with_one_instance_name_do_not_recover_each_others_jobs(
+        make_harness, tmp_path, caplog):
+    from test_job_outcomes import slow_workflow as slow
+
+    env = {"COURIER_INSTANCE": "same-name"}
+    first = await make_harness(env=env, start_worker=False)
+    status, _ = await first.post(slow(0.1), "twin1")
+    assert status == 202
+    twin = await make_harness(env=env, base=tmp_path / "comfy2", port=8191)
+    assert twin.courier.twin and not first.courier.twin
+    assert twin.comfy.prompt_queue.get_tasks_remaining() == 0  # twin1 is not run again here
+    assert first.comfy.prompt_queue.get_tasks_remaining() == 1
+    health = await twin.courier.health()
+    assert health["instance_name_shared"] and health["config_problems"] >= 1
+    assert "another live process runs as instance 'same-name'" in caplog.text
+
+    # once the first is gone (its lock with it), a process of that name recovers its work
+    await first.courier.stop()
+    first.comfy.stop()
+    heir = await make_harness(env=env, base=tmp_path / "comfy3", port=8192)
+    assert not heir.courier.twin
+    assert (await heir.wait_final("twin1"))["state"] == "success"

@@ -54,6 +54,14 @@ class Store(Protocol):
     on_lost: Callable[[], None] | None
     """Told when calls were lost in flight (written or not): the courier rescans."""
 
+    def claim_instance(self, name: str) -> bool:
+        """Hold the instance name for this process's life; False if a live one holds it."""
+        ...
+
+    def release_instance(self) -> None:
+        """Let another process take the name (this one stops courier work)."""
+        ...
+
     # -- jobs ---------------------------------------------------------------------------
 
     async def admit(

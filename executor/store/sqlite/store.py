@@ -10,7 +10,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar
+from urllib.parse import quote
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from ...errors import StoreError
 from ...jobs import CallbackSummary, Job, JobState, Output
@@ -24,9 +31,34 @@ T = TypeVar("T")
 
 
 class SqliteStore:
-    def __init__(self, runner: JournalRunner) -> None:
+    def __init__(self, runner: JournalRunner, path: Path | str | None = None) -> None:
         self.runner = runner
+        self.path = path
         self._admit: GroupCommit[Job, Job | int] = GroupCommit(runner, Journal.admit)
+        self._instance_lock: IO[str] | None = None
+
+    def claim_instance(self, name: str) -> bool:
+        """Hold `name` for this process's life; False if a live process holds it already.
+
+        A file lock, which the kernel releases when its holder dies however it dies: it
+        tells a live twin (a shared COURIER_INSTANCE, containers with equal hostname and
+        port) from a dead predecessor, whose work this process must recover. Every
+        process sharing a SQLite journal is on its host, so the lock is seen by all.
+        """
+        if fcntl is None or self.path is None or str(self.path) == ":memory:":
+            return True  # Windows: no twin detection
+        folder = Path(self.path).parent / "instances"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = (folder / f"{quote(name, safe='')}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        if self._instance_lock is not None:
+            self._instance_lock.close()
+        self._instance_lock = handle
+        return True
 
     @property
     def kind(self) -> str:
@@ -147,5 +179,11 @@ class SqliteStore:
         """Events per state; scans the whole outbox (tests and diagnostics)."""
         return await self._call(Journal.outbox_counts)
 
+    def release_instance(self) -> None:
+        if self._instance_lock is not None:
+            self._instance_lock.close()
+            self._instance_lock = None
+
     async def aclose(self) -> None:
         await self.runner.aclose()
+        self.release_instance()
