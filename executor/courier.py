@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import intake
+from . import intake, redelivery
 from .comfy_port import ComfyPort, Completion, QueueSnapshot
 from .delivery import Deliverer
 from .errors import (
@@ -96,6 +96,8 @@ class Courier:
         self.upload_schedule = upload_schedule
         self.status_updates = status
         self.metrics = metrics or Metrics()
+        # settings.problems, plus what start-up checks find (wiring.check_storage appends)
+        self.config_problems: list[str] = list(settings.problems)
         if deliverer is not None:
             deliverer.on_outcome = lambda outcome: self.metrics.callback_attempts.labels(
                 outcome
@@ -358,6 +360,19 @@ class Courier:
                 )
             await self._cancel_run(run)
             return await self.status(content_request_id)
+
+    async def redeliver(
+        self, content_request_id: str | None = None, dead_since: float | None = None
+    ) -> list[OutboxEvent]:
+        """Dead-lettered callbacks back to the outbox, sent by this instance (redelivery.py)."""
+        return await redelivery.redeliver(
+            self.db,
+            self.deliverer,
+            self.instance,
+            self.clock(),
+            content_request_id=content_request_id,
+            dead_since=dead_since,
+        )
 
     async def _cancel_run(self, run: Run) -> None:
         """Take a job of this process off the queue, or interrupt it while it runs."""
@@ -1024,7 +1039,7 @@ class Courier:
             "journal": self.db.kind,
             "callback_configured": self.settings.callback_url is not None,
             "signed_callbacks": bool(self.settings.webhook_secrets),
-            "config_problems": len(self.settings.problems),
+            "config_problems": len(self.config_problems),
         }
 
 
