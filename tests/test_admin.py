@@ -82,7 +82,8 @@ async def test_bucket_commands_fail_clearly(storage_server):
     created = await run(["bucket", "create"], wrong_key)
     assert created.code == 2 and "refused SUPABASE_SERVICE_ROLE_KEY" in created.err
     checked = await run(["bucket", "check"], wrong_key)
-    assert checked.code == admin.EXIT_PROBLEMS and "refused SUPABASE_SERVICE_ROLE_KEY" in checked.out
+    assert checked.code == admin.EXIT_PROBLEMS
+    assert "refused SUPABASE_SERVICE_ROLE_KEY" in checked.out
     assert storage_server.state.buckets.keys() == {"comfy-outputs"}
     with pytest.raises(cli.UsageError, match="SUPABASE_URL"):
         await run(["bucket", "check"], {})
