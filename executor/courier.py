@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import intake
+from . import intake, redelivery
 from .admission import Admission
 from .cancellation import Cancellation
 from .comfy_port import ComfyPort
@@ -38,7 +38,7 @@ from .settle import Settler
 from .status import StatusReader
 from .status_updates import StatusNotifier
 from .storage import Storage
-from .store import Store
+from .store import OutboxEvent, Store
 from .tasks import Background
 from .uploads import Uploader
 from .watch import QueueWatch
@@ -73,6 +73,8 @@ class Courier:
             deliverer.on_outcome = lambda outcome: metrics.callback_attempts.labels(outcome).inc()
         self.ready = asyncio.Event()
         self.twin = False  # another live process holds this instance name
+        # settings.problems, plus what start-up checks find (wiring.check_storage appends)
+        self.config_problems: list[str] = list(settings.problems)
         self.runs = runs = Runs()
         self.background = background = Background()
         id_locks = KeyedLock()
@@ -116,6 +118,7 @@ class Courier:
                 self.instance,
             )
             self.recovery.enabled = False
+            self.config_problems.append(f"instance name {self.instance!r} is in use")
         await self.store.heartbeat(self.instance, self.clock())
         await self.recovery.adopt_orphans()
         await self.recovery.recover()
@@ -153,6 +156,19 @@ class Courier:
     async def cancel(self, content_request_id: str) -> dict[str, Any]:
         return await self.cancellation(content_request_id)
 
+    async def redeliver(
+        self, content_request_id: str | None = None, dead_since: float | None = None
+    ) -> list[OutboxEvent]:
+        """Dead-lettered callbacks back to the outbox, sent by this instance (redelivery.py)."""
+        return await redelivery.redeliver(
+            self.store,
+            self.deliverer,
+            self.instance,
+            self.clock(),
+            content_request_id=content_request_id,
+            dead_since=dead_since,
+        )
+
     def from_worker(self, callback: Callable[..., Any], *args: Any) -> None:
         self.worker_events.from_worker(callback, *args)
 
@@ -166,7 +182,7 @@ class Courier:
         self.worker_events.images_saved(prompt_id, node_id, content_request_id, images)
 
     async def health(self) -> dict[str, Any]:
-        return await self.health_report.report(self.ready.is_set(), self.twin)
+        return await self.health_report.report(self.ready.is_set(), self.config_problems, self.twin)
 
     async def metrics_text(self) -> bytes:
         return await self.health_report.metrics_text()

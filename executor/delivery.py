@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 # In the spirit of Standard Webhooks: now, 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h,
 # then every 4 h until the retry horizon (COURIER_RETRY_HORIZON, a day by default).
+# Each wait varies by the deliverer's jitter (±10 %), so many hosts' retries spread out.
 DEFAULT_SCHEDULE: tuple[float, ...] = (0, 5, 30, 120, 600, 1800, 3600, 7200, 14400)
-RETRYABLE_4XX = {408, 425, 429}
+GONE = 410  # the one answer that stops retries: the receiver says the endpoint is gone
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,22 @@ def classify(
 ) -> Outcome:
     """What a receiver's answer means: delivered, retry later, or never (dead letter).
 
-    Redirects are not followed (a POST's body and keys would go to another address) but
-    retried: the operator fixes COURIER_CALLBACK_URL and the kept events then arrive.
+    Every non-2xx answer is retried until the horizon, 4xx included: a receiver answering
+    401 because its key or secret is wrong is a mistake its operator can fix, and the
+    events it refused then arrive (Stripe and Svix retry every non-2xx too). Only 410 Gone
+    stops at once. Redirects are not followed (a POST's body and keys would go to another
+    address) but retried: the operator fixes COURIER_CALLBACK_URL and the kept events
+    then arrive.
     """
     if 200 <= code < 300:
         return Delivered(code)
     reason = f"HTTP {code}"
+    if code == GONE:
+        return Permanent(f"{reason} Gone: the receiver asked for no more deliveries")
     if 300 <= code < 400:
         reason += f" redirect to {location or '?'}"[:200]
         reason += "; set COURIER_CALLBACK_URL to the final address (redirects are not followed)"
-    if code in RETRYABLE_4XX or code >= 500 or code < 400:
-        return Retry(reason, parse_retry_after(retry_after, now))
-    return Permanent(reason)
+    return Retry(reason, parse_retry_after(retry_after, now))
 
 
 class Deliverer:

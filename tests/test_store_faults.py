@@ -10,12 +10,13 @@ import os
 import signal
 import sqlite3
 
+from test_fault_injection import assert_one_event_each
+
 from comfy_courier.executor import settle, uploads
 from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.executor.store.sqlite.process import JournalProcess
 
 from conftest import model_free
-from test_fault_injection import assert_one_event_each
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> None:

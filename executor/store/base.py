@@ -148,6 +148,17 @@ class Store(Protocol):
         self, content_request_id: str, attempt: int
     ) -> CallbackSummary | None: ...
 
+    async def redeliver_dead(
+        self,
+        instance: str,
+        now: float,
+        content_request_id: str | None = None,
+        dead_since: float | None = None,
+    ) -> list[OutboxEvent]:
+        """Dead events (one id's latest, or all dead since a time) pending again, due now,
+        under the same event id, for `instance` to send."""
+        ...
+
     async def outbox_backlog(self) -> tuple[int, int]:
         """(pending, dead) events."""
         ...

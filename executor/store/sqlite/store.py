@@ -172,6 +172,17 @@ class SqliteStore:
     ) -> CallbackSummary | None:
         return await self._call(Journal.callback_summary, content_request_id, attempt)
 
+    async def redeliver_dead(
+        self,
+        instance: str,
+        now: float,
+        content_request_id: str | None = None,
+        dead_since: float | None = None,
+    ) -> list[OutboxEvent]:
+        return await self._call(
+            Journal.redeliver_dead, instance, now, content_request_id, dead_since
+        )
+
     async def outbox_backlog(self) -> tuple[int, int]:
         return await self._call(Journal.outbox_backlog)
 
