@@ -52,6 +52,7 @@ class Settings:
     takeover_after: float = 30.0  # s of heartbeat silence before a sibling takes jobs over
     progress_interval: float = 1.0
     keep_metadata: bool = False
+    keep_outputs: bool = False  # keep a job's files in ComfyUI's output folder (remote storage)
     problems: tuple[str, ...] = ()
 
     @property
@@ -131,6 +132,10 @@ class Settings:
         elif url_mode_raw != "public":
             problems.append(f"COURIER_URL_MODE={url_mode_raw!r} is not public or signed")
 
+        keep_outputs_raw = (text("COURIER_KEEP_OUTPUTS") or "0").lower()
+        if keep_outputs_raw not in _TRUE | _FALSE:
+            problems.append(f"COURIER_KEEP_OUTPUTS={keep_outputs_raw!r} is not 0 or 1; using 0")
+
         keep_raw = (text("COURIER_KEEP_METADATA") or "0").lower()
         if keep_raw not in _TRUE | _FALSE:
             problems.append(f"COURIER_KEEP_METADATA={keep_raw!r} is not 0 or 1; using 0")
@@ -173,6 +178,7 @@ class Settings:
             takeover_after=number("COURIER_TAKEOVER_AFTER", 30, 1),
             progress_interval=number("COURIER_PROGRESS_INTERVAL", 1, 0),
             keep_metadata=keep_raw in _TRUE,
+            keep_outputs=keep_outputs_raw in _TRUE,
             problems=tuple(problems),
         )
 

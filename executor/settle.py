@@ -241,6 +241,7 @@ class Settler:
                 final.state.value,
             )
             return False
+        self.uploader.discard_files(run)  # its final event is committed: not needed again
         self._report_final(final)
         if event is not None and self.deliverer is not None:
             self.deliverer.deliver_now(event)

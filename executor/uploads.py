@@ -91,6 +91,8 @@ class Uploader:
         seq = run.next_seq
         run.next_seq += 1
         job = run.job
+        if path is not None:
+            run.files.append(path)
         output = Output(
             node_id=node_id,
             index=index,
@@ -101,7 +103,28 @@ class Uploader:
             height=image.height,
             path=str(path) if path else None,
         )
+        served = self.storage.url_of_file(path) if run.uses_node and path else None
+        if served is not None:  # the node's own file, as it is: nothing to copy
+            run.uploads.append(asyncio.ensure_future(self._serve(job, seq, output, served)))
+            return
         run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
+
+    async def _serve(self, job: Job, seq: int, output: Output, url: str) -> Output:
+        stored = replace(output, url=url)
+        if not await self._record(job, seq, stored):
+            raise Fenced(f"another instance took over id={job.content_request_id}")
+        return stored
+
+    def discard_files(self, run: Run) -> None:
+        """Remove a finished courier job's files from ComfyUI's output folder.
+
+        Only with remote storage (local storage serves them) and unless
+        COURIER_KEEP_OUTPUTS=1: without it, every job leaves its images on the host for
+        good. Runs from ComfyUI's UI keep theirs, as SaveImage does.
+        """
+        if self.storage.kind == "local" or self.settings.keep_outputs or not run.files:
+            return
+        self.background.spawn(asyncio.to_thread(_remove, list(run.files)))
 
     async def _upload(self, job: Job, seq: int, output: Output, data: bytes) -> Output:
         # The image's row is queued in the store first, so it commits before the job's
@@ -228,3 +251,11 @@ class Uploader:
         for seq, output, data in pending:
             run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
         return True
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("[courier] could not remove %s: %s", path.name, e)

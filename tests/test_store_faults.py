@@ -16,7 +16,7 @@ from comfy_courier.executor import settle, uploads
 from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.executor.store.sqlite.process import JournalProcess
 
-from conftest import model_free
+from conftest import SERVICE_KEY, model_free
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> None:
@@ -79,7 +79,8 @@ async def test_an_image_row_failing_once_is_retried_not_an_upload_error(
     monkeypatch.setattr(uploads, "RECORD_RETRY", (0.01, 0.01))
     record = failing(Journal.record_image, 1)
     monkeypatch.setattr(Journal, "record_image", record)
-    h = await make_harness(journal_thread=True)
+    h = await make_harness(journal_thread=True, env={
+        "SUPABASE_URL": storage_server.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
     await h.post(model_free(), "img1")
     await receiver.wait_for(1)
     await h.settle()

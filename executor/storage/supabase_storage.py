@@ -8,6 +8,7 @@ would turn every job into a `success` whose URL answers 400 "Bucket not found".
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -67,6 +68,9 @@ class SupabaseStorage:
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
+
+    def url_of_file(self, path: Path) -> str | None:
+        return None  # always an upload
 
     async def put(self, key: str, data: bytes, content_type: str) -> str:
         from storage3.exceptions import StorageApiError
