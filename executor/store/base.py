@@ -79,7 +79,12 @@ class Store(Protocol):
 
     async def cancel_requests(self, instance: str) -> list[str]: ...
 
-    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool: ...
+    async def resubmitted(
+        self, old_prompt_id: str, new_prompt_id: str, now: float, *, count_run: bool
+    ) -> bool:
+        """The unfinished job runs again under a new prompt_id, queued; False if it ended
+        meanwhile. `count_run`: it was executing when its process died, so `runs` + 1."""
+        ...
 
     async def finish(self, job: Job, event: OutboxEvent | None) -> bool: ...
 

@@ -75,8 +75,10 @@ class SqliteStore:
     async def cancel_requests(self, instance: str) -> list[str]:
         return await self._call(Journal.cancel_requests, instance)
 
-    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool:
-        return await self._call(Journal.resubmitted, old_prompt_id, new_prompt_id, now)
+    async def resubmitted(
+        self, old_prompt_id: str, new_prompt_id: str, now: float, *, count_run: bool
+    ) -> bool:
+        return await self._call(Journal.resubmitted, old_prompt_id, new_prompt_id, now, count_run)
 
     async def finish(self, job: Job, event: OutboxEvent | None) -> bool:
         return await self._call(Journal.finish, job, event)
