@@ -145,7 +145,7 @@ class Courier:
         node_id: str,
         content_request_id: str,
         images: list[tuple[EncodedImage, Path]],
-        courier_item: bool = True,
+        courier_item: bool,
     ) -> None:
         self.worker_events.images_saved(
             prompt_id, node_id, content_request_id, images, courier_item

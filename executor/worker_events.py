@@ -110,7 +110,7 @@ class WorkerEvents:
         node_id: str,
         content_request_id: str,
         images: list[tuple[EncodedImage, Path]],
-        courier_item: bool = True,
+        courier_item: bool,
     ) -> None:
         """The node saved images (runs on the loop; the node reached it via from_worker).
 
