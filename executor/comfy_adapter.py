@@ -7,6 +7,14 @@ attributes, and nowhere else:
 - `validate_prompt(prompt_id, prompt[, partial_execution_list])`: 2 or 3 parameters;
 - queue items of 5 elements, or 6 with `sensitive` (0.33+); a wrong length kills the worker;
 - `task_done(item_id, history_result, status[, process_item])`: passed through as given.
+
+Which queue items are the courier's is known by identity, never by `prompt_id`: ComfyUI's
+/prompt takes a client-chosen id and /queue shows the courier's, so anyone could queue a
+prompt under a waiting job's id. The adapter keeps the tuple object it put for each job;
+`PromptQueue.get` hands the worker that very object (heappop, no copy), so the worker's
+hooks know whether the item it took is one the courier put, and remember its `item_id`
+for `task_done`. Nothing of this is in the item, so nothing of it shows in /queue or
+/history. Anything else run under a job's id is an ordinary prompt.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .comfy_port import Completion, QueueSnapshot, SavedFile, Validation
+from .comfy_port import Completion, Executing, QueueSnapshot, SavedFile, Validation
 from .comfy_reports import explain_missing_nodes, relative_paths
 from .errors import UnsupportedComfyUI
 
@@ -74,6 +82,12 @@ class ComfyAdapter:
         self._worker_seen = False
         self._worker_name = worker_name
         self._node_types = node_types
+        # The courier's items, by identity (all under the queue's lock): put and waiting,
+        # by prompt_id; taken by the worker and not yet done, by ComfyUI's item_id; and
+        # the prompt_id of the one executing now, if it is the courier's.
+        self._waiting: dict[str, tuple[Any, ...]] = {}
+        self._taken: dict[Any, str] = {}
+        self._executing: str | None = None
         validate = getattr(execution, "validate_prompt", None)
         if validate is None or not inspect.iscoroutinefunction(validate):
             raise UnsupportedComfyUI(
@@ -238,7 +252,9 @@ class ComfyAdapter:
             item: tuple[Any, ...] = (number, prompt_id, prompt, extra_data, outputs)
             if self.queue_item_length == 6:
                 item += ({},)  # `sensitive`: the courier never puts secrets in a job
+            self._waiting[prompt_id] = item
             if self.queue.put(item) is False:  # some newer queues refuse a reused prompt_id
+                del self._waiting[prompt_id]
                 raise RuntimeError(f"ComfyUI refused to queue prompt {prompt_id}")
 
     # -- the queue ----------------------------------------------------------------------
@@ -248,15 +264,35 @@ class ComfyAdapter:
             return len(self.queue.currently_running) + len(self.queue.queue)
 
     def queue_snapshot(self) -> QueueSnapshot:
-        # Read ids under the queue's own lock; get_current_queue() would deep-copy every
+        # Read under the queue's own lock; get_current_queue() would deep-copy every
         # pending prompt, which costs milliseconds on a long queue.
         with self.queue.mutex:
-            running = frozenset(item[1] for item in self.queue.currently_running.values())
-            pending = {item[1]: item[0] for item in self.queue.queue}
-        return QueueSnapshot(running, pending)
+            waiting = self._waiting
+            ours = waiting.get
+            numbers: list[float] = []
+            pending: dict[str, float] = {}
+            for item in self.queue.queue:
+                number, prompt_id = item[0], item[1]
+                numbers.append(number)
+                if ours(prompt_id) is item:
+                    pending[prompt_id] = number
+            if len(pending) != len(waiting):  # deleted through ComfyUI's /queue: forget them
+                for prompt_id in waiting.keys() - pending.keys():
+                    del waiting[prompt_id]
+            return QueueSnapshot(
+                frozenset(self._taken.values()),
+                pending,
+                busy=len(self.queue.currently_running),
+                numbers=tuple(numbers),
+            )
 
     def remove_pending(self, prompt_id: str) -> bool:
-        return bool(self.queue.delete_queue_item(lambda item: item[1] == prompt_id))
+        """Take the courier's own item for `prompt_id` off the queue (never another's)."""
+        with self.queue.mutex:
+            item = self._waiting.pop(prompt_id, None)
+            if item is None:
+                return False
+            return bool(self.queue.delete_queue_item(lambda candidate: candidate is item))
 
     def worker_alive(self) -> bool | None:
         """Is ComfyUI's prompt worker thread alive? None until one has been seen.
@@ -288,19 +324,20 @@ class ComfyAdapter:
         return None
 
     def interrupt(self, prompt_id: str) -> bool:
-        """Interrupt only if this prompt is the one running: the flag is global."""
-        atomic = getattr(self.queue, "interrupt_if_running", None)  # ComfyUI 0.26+
-        if atomic is not None:
-            return bool(atomic(prompt_id))
+        """Interrupt only if the courier's item for this prompt is the one running: the
+        flag is global. Under the queue's lock, so the worker cannot move on meanwhile."""
         with self.queue.mutex:
-            running = {item[1] for item in self.queue.currently_running.values()}
-            if prompt_id not in running:
+            if prompt_id not in self._taken.values():
                 return False
+            atomic = getattr(self.queue, "interrupt_if_running", None)  # ComfyUI 0.26+
+            if atomic is not None:
+                return bool(atomic(prompt_id))
             self._interrupt_processing(True)
         return True
 
     def on_start(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(prompt_id)` on the worker thread when it takes a prompt to run."""
+        """Call `callback(prompt_id)` on the worker thread when it takes one of the
+        courier's items to run (known by identity: see the module's docstring)."""
         self.worker_alive()  # ComfyUI starts its worker before it serves: note it now
         queue = self.queue
         original = queue.get
@@ -308,11 +345,16 @@ class ComfyAdapter:
             original = original.__wrapped__
 
         def get(*args: Any, **kwargs: Any) -> Any:
-            taken = original(*args, **kwargs)
+            # Under the queue's lock, so that no snapshot sees the item neither waiting nor
+            # taken. The lock is re-entrant and get()'s wait releases it fully.
+            with queue.mutex:
+                taken = original(*args, **kwargs)
+                started = self._took(taken) if taken is not None else None
             if taken is not None:
                 try:
                     self._chain_progress_hook()
-                    callback(str(taken[0][1]))
+                    if started is not None:
+                        callback(started)
                 except Exception:  # never break ComfyUI's worker
                     log.exception("[courier] start hook failed")
             return taken
@@ -327,8 +369,25 @@ class ComfyAdapter:
         with queue.not_empty:
             queue.not_empty.notify_all()
 
+    def _took(self, taken: Any) -> str | None:
+        """The worker took `taken` = (item, item_id): the prompt_id if it is the courier's."""
+        try:
+            item, item_id = taken
+            prompt_id = item[1]
+            ours = isinstance(prompt_id, str) and self._waiting.get(prompt_id) is item
+            self._executing = prompt_id if ours else None
+            if not ours:
+                return None
+            del self._waiting[prompt_id]
+            self._taken[item_id] = prompt_id
+            return str(prompt_id)
+        except Exception:  # never break ComfyUI's worker
+            log.exception("[courier] start hook failed")
+            return None
+
     def on_progress(self, callback: Callable[[str, float], None]) -> None:
-        """Call `callback(prompt_id, value/total)` on the worker thread for progress bars.
+        """Call `callback(prompt_id, value/total)` on the worker thread for progress bars
+        of the courier's items.
 
         ComfyUI installs its own global progress hook after custom nodes load, so ours is
         chained onto whatever is installed when a prompt is queued or taken, not now.
@@ -347,7 +406,7 @@ class ComfyAdapter:
         def hook(value: Any, total: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 context = self._get_executing_context()
-                if context is not None and total:
+                if context is not None and total and self._executing == context.prompt_id:
                     callback(str(context.prompt_id), float(value) / float(total))
             except Exception:  # never break a node's progress bar
                 log.exception("[courier] progress hook failed")
@@ -378,7 +437,8 @@ class ComfyAdapter:
             self.server.send_sync(event, data, client_id)
 
     def on_completion(self, callback: Callable[[Completion], None]) -> None:
-        """Call `callback` on the worker thread when a prompt leaves execution."""
+        """Call `callback` on the worker thread when one of the courier's items leaves
+        execution: the `item_id` the worker took it under, never its prompt_id."""
         queue = self.queue
         original = queue.task_done
         if getattr(original, _WRAPPED, False):
@@ -387,13 +447,21 @@ class ComfyAdapter:
         def task_done(
             item_id: Any, history_result: Any, status: Any, *args: Any, **kwargs: Any
         ) -> Any:
-            item = queue.currently_running.get(item_id)
-            if item is not None:
+            with queue.mutex:
+                prompt_id = self._taken.get(item_id)
+            if prompt_id is not None:
                 try:
-                    callback(_completion(item[1], history_result, status, self._scrub))
+                    callback(_completion(prompt_id, history_result, status, self._scrub))
                 except Exception:  # never break ComfyUI's worker
                     log.exception("[courier] completion hook failed")
-            return original(item_id, history_result, status, *args, **kwargs)
+            try:
+                return original(item_id, history_result, status, *args, **kwargs)
+            finally:
+                # Only now: until ComfyUI's task_done returns the item counts as running,
+                # and the completion handed over above marks it done.
+                with queue.mutex:
+                    self._taken.pop(item_id, None)
+                    self._executing = None
 
         task_done.__wrapped__ = original  # type: ignore[attr-defined]
         setattr(task_done, _WRAPPED, True)
@@ -405,12 +473,13 @@ class ComfyAdapter:
 
     # -- nodes --------------------------------------------------------------------------
 
-    def executing(self) -> tuple[str, str] | None:
-        """(prompt_id, node_id) of the node running on this thread, if any."""
+    def executing(self) -> Executing | None:
+        """The node running on this thread, and whether its prompt is a courier item."""
         context = self._get_executing_context()
         if context is None:
             return None
-        return str(context.prompt_id), str(context.node_id)
+        prompt_id = str(context.prompt_id)
+        return Executing(prompt_id, str(context.node_id), self._executing == prompt_id)
 
     def save_path(self, prefix: str, width: int, height: int) -> tuple[str, str, int, str, str]:
         """folder_paths.get_save_image_path: refuses prefixes that leave the output folder."""

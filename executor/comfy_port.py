@@ -19,10 +19,17 @@ class Validation:
 @dataclass(frozen=True)
 class QueueSnapshot:
     """ComfyUI's queue at one moment, cheap to take: every queued job and every 0.5 s watch
-    takes one, so nothing here sorts or scans the whole queue per lookup."""
+    takes one, so nothing here sorts the whole queue.
 
-    running: frozenset[str]  # prompt ids being executed now
-    pending: dict[str, float]  # prompt id -> ComfyUI's queue number (lower runs first)
+    `running` and `pending` hold only the items the courier put (known by identity, not
+    by prompt_id: anyone can queue a prompt under a courier job's id through /prompt);
+    `busy` and `numbers` count every prompt, for queue positions.
+    """
+
+    running: frozenset[str]  # prompt ids of the courier's items being executed now
+    pending: dict[str, float]  # the courier's waiting items: prompt id -> queue number
+    busy: int = 0  # prompts being executed now, anyone's
+    numbers: tuple[float, ...] = ()  # queue numbers of every waiting prompt (lower runs first)
 
     def position(self, prompt_id: str) -> int | None:
         """0 while running; n = prompts of the whole queue ahead of it; None if absent."""
@@ -31,7 +38,7 @@ class QueueSnapshot:
         number = self.pending.get(prompt_id)
         if number is None:
             return None
-        return len(self.running) + sum(1 for other in self.pending.values() if other < number)
+        return self.busy + sum(1 for other in self.numbers if other < number)
 
     def in_order(self) -> list[str]:
         """Pending prompt ids in the order ComfyUI will run them."""
@@ -49,6 +56,15 @@ class Completion:
     status_str: str  # "success" or "error"
     messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Executing:
+    """The node running on ComfyUI's worker thread now."""
+
+    prompt_id: str
+    node_id: str
+    courier_item: bool  # the prompt is an item the courier put, not one under its id
 
 
 @dataclass(frozen=True)
@@ -77,10 +93,14 @@ class ComfyPort(Protocol):
 
     def queue_snapshot(self) -> QueueSnapshot: ...
 
-    def remove_pending(self, prompt_id: str) -> bool: ...
+    def remove_pending(self, prompt_id: str) -> bool:
+        """Take the courier's own waiting item off the queue, never another's."""
 
-    def interrupt(self, prompt_id: str) -> bool: ...
+    def interrupt(self, prompt_id: str) -> bool:
+        """Interrupt the courier's item if it is the one running."""
 
+    # The hooks fire on ComfyUI's worker thread for the courier's own items only: an item
+    # someone queued through /prompt under a courier job's prompt_id is not one of them.
     def on_start(self, callback: Callable[[str], None]) -> None: ...
 
     def on_progress(self, callback: Callable[[str, float], None]) -> None: ...

@@ -178,8 +178,11 @@ class Courier:
         node_id: str,
         content_request_id: str,
         images: list[tuple[EncodedImage, Path]],
+        courier_item: bool,
     ) -> None:
-        self.worker_events.images_saved(prompt_id, node_id, content_request_id, images)
+        self.worker_events.images_saved(
+            prompt_id, node_id, content_request_id, images, courier_item
+        )
 
     async def health(self) -> dict[str, Any]:
         return await self.health_report.report(self.ready.is_set(), self.config_problems, self.twin)

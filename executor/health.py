@@ -38,8 +38,8 @@ class Health:
         return self.metrics.render(
             {
                 "courier_unfinished_jobs": len(self.runs),
-                "courier_comfy_queue_pending": len(snapshot.pending),
-                "courier_comfy_queue_running": len(snapshot.running),
+                "courier_comfy_queue_pending": len(snapshot.numbers),
+                "courier_comfy_queue_running": snapshot.busy,
                 "courier_outbox_pending": pending,
                 "courier_outbox_dead": dead,
             }
@@ -52,8 +52,8 @@ class Health:
             "ok": True,
             "ready": ready,
             "queue": {
-                "comfy_running": len(snapshot.running),
-                "comfy_pending": len(snapshot.pending),
+                "comfy_running": snapshot.busy,
+                "comfy_pending": len(snapshot.numbers),
                 "courier_unfinished": len(self.runs),  # of this process, as the limit counts
                 "courier_max": self.settings.max_queue,
             },

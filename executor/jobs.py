@@ -67,7 +67,7 @@ class Job:
     workflow: str  # canonical JSON of the workflow as received (for replay and resubmission)
     fingerprint: str  # sha256 of `workflow`: a retry with another workflow is a conflict
     state: JobState = JobState.QUEUED
-    runs: int = 1  # how many times this attempt was put on ComfyUI's queue (restarts)
+    runs: int = 1  # this run, plus the runs of this attempt a dying process cut short
     # The claim's fencing token: raised whenever a process takes the attempt over (a
     # resubmission, an adoption); every write of a run must carry the current one.
     epoch: int = 1

@@ -124,13 +124,16 @@ class Recovery:
                 "cancelled while running (DELETE request); ComfyUI stopped before the prompt ended",
             )
             return
-        if job.runs >= self.settings.max_attempts:
+        # COURIER_MAX_ATTEMPTS stops a job that takes ComfyUI down with it, not the backlog
+        # behind it: a run counts only if the job was executing (or uploading what it made)
+        # when its process died; a job that only waited is resubmitted however often.
+        executing = job.state is not JobState.QUEUED
+        if executing and job.runs >= self.settings.max_attempts:
             await self._end(
                 run,
                 ErrorType.LOST,
-                f"ComfyUI stopped while this job was {job.state.value} "
-                f"({job.runs} run(s); COURIER_MAX_ATTEMPTS="
-                f"{self.settings.max_attempts})",
+                f"ComfyUI stopped while this job was {job.state.value}, "
+                f"{job.runs} time(s) (COURIER_MAX_ATTEMPTS={self.settings.max_attempts})",
             )
             return
         old_prompt_id = job.prompt_id
@@ -145,11 +148,14 @@ class Recovery:
                 f"resubmission after a restart failed validation: {e.message}",
             )
             return
-        epoch = await self.store.resubmitted(old_prompt_id, job.prompt_id, self.clock())
+        epoch = await self.store.resubmitted(
+            old_prompt_id, job.prompt_id, self.clock(), count_run=executing
+        )
         if epoch is None:
             return  # it ended while this recovery worked through its list
         job.epoch = epoch
-        job.runs += 1
+        if executing:
+            job.runs += 1
         job.state = JobState.QUEUED
         job.started_at = job.executed_at = None
         self.queue.enqueue(Run(job, run.uses_node), prompt, outputs)

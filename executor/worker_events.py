@@ -64,7 +64,11 @@ class WorkerEvents:
     # -- on the worker thread -----------------------------------------------------------
 
     def start_from_worker(self, prompt_id: str) -> None:
-        """Called on the worker thread as it takes a prompt: the job's execution starts."""
+        """Called on the worker thread as it takes a courier item: the job's execution starts.
+
+        The adapter calls these hooks for the courier's own queue items only, never for a
+        prompt someone else queued under a job's prompt_id.
+        """
         self.from_worker(self._on_start, prompt_id, self.clock())
 
     def progress_from_worker(self, prompt_id: str, fraction: float) -> None:
@@ -106,16 +110,22 @@ class WorkerEvents:
         node_id: str,
         content_request_id: str,
         images: list[tuple[EncodedImage, Path]],
+        courier_item: bool,
     ) -> None:
         """The node saved images (runs on the loop; the node reached it via from_worker).
 
+        `courier_item`: the prompt is a queue item the courier put. Only then do the images
+        belong to the job with that prompt_id: anyone can queue a prompt under a job's id
+        through ComfyUI's /prompt, and that prompt is an ordinary one.
         Registering synchronously keeps the order with the completion that follows.
         """
-        run = self.runs.get(prompt_id)
+        run = self.runs.get(prompt_id) if courier_item else None
         if run is None:
             if content_request_id:
                 log.warning(
-                    "[courier] images of prompt %s arrived after its job ended; not sent", prompt_id
+                    "[courier] images of prompt %s belong to no running courier job "
+                    "(it ended, or the prompt was queued by someone else); not sent",
+                    prompt_id,
                 )
                 return
             self.background.spawn(self.uploader.ui_run(prompt_id, node_id, images))

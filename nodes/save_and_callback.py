@@ -120,7 +120,10 @@ class SaveAndCallback:
             prefix = job_prefix(filename_prefix, content_request_id)
         folder, filename, counter, subfolder, _ = adapter.save_path(prefix, width, height)
         context = adapter.executing()
-        prompt_id, node_id = context if context else ("", "")
+        prompt_id, node_id = (context.prompt_id, context.node_id) if context else ("", "")
+        # the job's images only when ComfyUI runs the item the courier put: a prompt queued
+        # through /prompt under a job's prompt_id is an ordinary run
+        courier_item = bool(context and context.courier_item)
         text = self._metadata(runtime, prompt_id)
 
         saved = []
@@ -138,7 +141,9 @@ class SaveAndCallback:
 
         courier = runtime.courier
         if courier is not None and prompt_id:
-            courier.from_worker(courier.images_saved, prompt_id, node_id, content_request_id, saved)
+            courier.from_worker(
+                courier.images_saved, prompt_id, node_id, content_request_id, saved, courier_item
+            )
         return {"ui": {"images": ui_images}}
 
     @staticmethod

@@ -206,6 +206,7 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
                                        jitter=0.0, upload_schedule=upload_schedule,
                                        journal_thread=journal_thread)
         wiring._runtime = wiring.Runtime(settings, adapter, courier, loop)
+        comfy.add_comfy_routes()  # ComfyUI's own /prompt, /queue, /history
         add_routes(comfy.routes, lambda: courier, settings)
         # In these tests comfy.stop() stands for the process dying: the kernel would then
         # release its instance lock (store.claim_instance), so a restart recovers its work.

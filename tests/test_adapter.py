@@ -2,7 +2,8 @@
 
 import pytest
 
-from standin.comfy import StandinComfy
+from standin.comfy import Context, StandinComfy
+from standin.comfy import _context as context
 
 
 @pytest.mark.parametrize("version, length", [("0.3.64", 5), ("0.33.0", 6)])
@@ -102,3 +103,68 @@ def test_the_start_hook_sees_the_first_job_after_start_up(tmp_path):
     adapter.enqueue("first", {}, {"client_id": "comfy-courier"}, ["2"])
     thread.join(10)
     assert taken == [None, "first"] and started == ["first"]
+
+
+def test_only_the_item_the_courier_put_counts_as_its_job(tmp_path):
+    # ComfyUI's /prompt takes any prompt_id: an item under a courier job's id, even ahead
+    # of it, is an ordinary prompt for every hook, for the snapshot, DELETE and interrupt
+    comfy = StandinComfy(tmp_path)
+    queue = comfy.prompt_queue
+    adapter = comfy.adapter()
+    started, completed, progress, executing = [], [], [], []
+    adapter.on_start(started.append)
+    adapter.on_completion(completed.append)
+    adapter.on_progress(lambda prompt_id, fraction: progress.append(prompt_id))
+    adapter.enqueue("job", {"n": "courier"}, {"client_id": "comfy-courier"}, ["2"])
+    [ours] = queue.queue
+    impostor = (-1, "job", {"n": "impostor"}, {"client_id": "comfy-courier"}, ["2"])
+    queue.put(impostor)
+    snapshot = adapter.queue_snapshot()
+    assert snapshot.pending == {"job": 0} and snapshot.numbers == (-1, 0)
+    assert snapshot.position("job") == 1  # the impostor is ahead of it
+
+    def run_next():  # ComfyUI's prompt_worker, reduced to what the hooks see
+        item, item_id = queue.get(timeout=1)
+        context.value = Context(item[1], "2", None)
+        try:
+            executing.append((item[2]["n"], adapter.executing().courier_item))
+            comfy.utils.PROGRESS_BAR_HOOK(1, 2)
+            assert adapter.queue_snapshot().running == (
+                frozenset({"job"}) if item is ours else frozenset())
+            assert adapter.interrupt("job") is (item is ours)
+            comfy.interrupted = False
+        finally:
+            context.value = None
+        queue.task_done(item_id, {"outputs": {}}, None)
+
+    run_next()  # the impostor
+    assert started == [] and completed == [] and progress == []
+    assert adapter.queue_snapshot().pending == {"job": 0}
+    run_next()  # the courier's item
+    assert executing == [("impostor", False), ("courier", True)]
+    assert started == ["job"] and [c.prompt_id for c in completed] == ["job"]
+    assert progress == ["job"]
+    assert adapter.queue_snapshot().running == frozenset()
+
+
+def test_delete_takes_the_courier_item_never_one_under_its_id(tmp_path):
+    comfy = StandinComfy(tmp_path)
+    queue = comfy.prompt_queue
+    adapter = comfy.adapter()
+    queue.put((-1, "job", {"n": "impostor"}, {}, ["2"]))
+    adapter.enqueue("job", {"n": "courier"}, {"client_id": "comfy-courier"}, ["2"])
+    assert adapter.remove_pending("job") and not adapter.remove_pending("job")
+    assert [item[2]["n"] for item in queue.queue] == ["impostor"]
+    assert "job" not in adapter.queue_snapshot()
+
+
+def test_an_item_deleted_through_comfyui_is_forgotten(tmp_path):
+    # POST /queue {"delete": [id]} removes the first item with that id; the adapter's
+    # record of it must not outlive it
+    comfy = StandinComfy(tmp_path)
+    adapter = comfy.adapter()
+    adapter.enqueue("job", {}, {"client_id": "comfy-courier"}, ["2"])
+    assert comfy.prompt_queue.delete_queue_item(lambda item: item[1] == "job")
+    comfy.prompt_queue.put((5, "job", {}, {}, ["2"]))  # and someone queues the id again
+    assert "job" not in adapter.queue_snapshot() and adapter._waiting == {}
+    assert not adapter.remove_pending("job") and len(comfy.prompt_queue.queue) == 1

@@ -393,12 +393,22 @@ def test_a_job_that_ended_is_not_resubmitted(journal):
     journal.insert(job)
     job.state, job.finished_at = JobState.SUCCESS, 3.0
     journal.finish(job, event())
-    assert journal.resubmitted("p1", "p1-again", 4.0) is None
+    assert journal.resubmitted("p1", "p1-again", 4.0, True) is None
     latest = journal.latest("j1")
     assert latest.state is JobState.SUCCESS and latest.prompt_id == "p1" and latest.runs == 1
     journal.insert(make_job(cid="j2", prompt_id="p2"))
-    assert journal.resubmitted("p2", "p2-again", 4.0) == 2  # the claim's new epoch
+    assert journal.resubmitted("p2", "p2-again", 4.0, True) == 2  # the claim's new epoch
     assert journal.latest("j2").prompt_id == "p2-again" and journal.latest("j2").runs == 2
+
+
+def test_a_resubmission_counts_a_run_only_when_told_the_job_was_executing(journal):
+    journal.insert(make_job(cid="j1", prompt_id="p1"))
+    assert journal.resubmitted("p1", "p1-b", 4.0, False) == 2  # it only waited
+    assert journal.latest("j1").prompt_id == "p1-b" and journal.latest("j1").runs == 1
+    journal.set_state("p1-b", JobState.RUNNING)
+    assert journal.resubmitted("p1-b", "p1-c", 5.0, True) == 3
+    latest = journal.latest("j1")
+    assert latest.runs == 2 and latest.state is JobState.QUEUED and latest.started_at is None
 
 
 def test_cancel_requests_reach_the_owning_instance_only_while_it_can_act(journal):
@@ -406,7 +416,7 @@ def test_cancel_requests_reach_the_owning_instance_only_while_it_can_act(journal
     journal.insert(make_job(cid="c2", prompt_id="p2", instance="b:2"))
     assert journal.request_cancel("c1", 1) and journal.request_cancel("c2", 1)
     assert journal.cancel_requests("a:1") == ["p1"]
-    journal.resubmitted("p1", "p1-again", 4.0)  # the owner restarted: the flag stays
+    journal.resubmitted("p1", "p1-again", 4.0, True)  # the owner restarted: the flag stays
     assert journal.cancel_requests("a:1") == ["p1-again"] and journal.request_cancel("c1", 1)
     journal.set_state("p1-again", JobState.UPLOADING)
     assert journal.request_cancel("c1", 1) is False  # past cancelling: its images are stored

@@ -8,6 +8,7 @@ shared/tools/make_tiny_sd15.py in its models/checkpoints.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -105,6 +106,7 @@ def start_comfy(base: Path, receiver_url: str, port: int, extra_env: dict[str, s
 
 async def wait_up(comfy: RealComfy, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
+    serving = False
     async with httpx.AsyncClient() as client:
         while time.monotonic() < deadline:
             if comfy.process.poll() is not None:
@@ -113,13 +115,13 @@ async def wait_up(comfy: RealComfy, timeout: float = 180.0) -> None:
                 resp = await client.get(f"{comfy.url}/courier/health")
                 if resp.status_code == 200:
                     return
-                if resp.status_code == 404:  # ComfyUI serves, but our package did not load
-                    raise AssertionError(
-                        f"comfy-courier did not load:\n{comfy.log.read_text()[-3000:]}")
+                # 404: ComfyUI serves; newer ones (0.33) serve before custom nodes load
+                serving = serving or resp.status_code == 404
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.25)
-    raise AssertionError(f"ComfyUI did not come up:\n{comfy.log.read_text()[-3000:]}")
+    what = "comfy-courier did not load" if serving else "ComfyUI did not come up"
+    raise AssertionError(f"{what}:\n{comfy.log.read_text()[-3000:]}")
 
 
 def stop(comfy: RealComfy, sig: int = signal.SIGTERM) -> None:
@@ -299,3 +301,77 @@ async def test_progress_updates_from_a_real_sampler(tmp_path, receiver):
         assert any(p and p > 0 for p in progress), statuses
     finally:
         stop(comfy)
+
+
+async def test_a_prompt_queued_under_a_jobs_id_is_not_delivered_as_the_job(real_comfy, receiver):
+    # ComfyUI's own /prompt takes a client-chosen prompt_id, and /queue shows the courier's
+    # item in full: a copy queued ahead of the waiting job runs as an ordinary prompt.
+    require_tiny_checkpoint()
+    from PIL import Image
+
+    blocker = {  # runs until interrupted, so the job waits while the impostor is queued
+        "4": {"class_type": "CheckpointLoaderSimple",
+              "inputs": {"ckpt_name": "tiny_sd15_random.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage",
+              "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler",
+              "inputs": {"seed": 1, "steps": 10000, "cfg": 7.0, "sampler_name": "euler",
+                         "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                         "positive": ["6", 0], "negative": ["6", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    job = {
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0xFFA500}},
+        "2": {"class_type": "SaveAndCallback",
+              "inputs": {"images": ["1", 0], "filename_prefix": "job"}},
+    }
+    async with httpx.AsyncClient(timeout=30) as client:
+        url = real_comfy.url
+        resp = await client.post(f"{url}/prompt", json={"prompt": blocker})
+        assert resp.status_code == 200, resp.text
+        deadline = time.monotonic() + 60
+        while not (await client.get(f"{url}/queue")).json()["queue_running"]:
+            assert time.monotonic() < deadline, "the blocker never started"
+            await asyncio.sleep(0.05)
+        resp = await real_comfy.post(client, job, "real-impostor")
+        assert resp.status_code == 202, resp.text
+        prompt_id = resp.json()["prompt_id"]
+
+        [item] = (await client.get(f"{url}/queue")).json()["queue_pending"]
+        assert item[1] == prompt_id
+        forged = item[2]
+        forged["1"]["inputs"].update(width=32, height=32, color=0x0000FF)
+        resp = await client.post(f"{url}/prompt", json={
+            "prompt": forged, "prompt_id": prompt_id, "front": True, "extra_data": item[3],
+            "client_id": item[3].get("client_id")})
+        assert resp.status_code == 200, resp.text
+        pending = (await client.get(f"{url}/queue")).json()["queue_pending"]
+        assert sorted((i[0], i[1]) for i in pending)[0][1] == prompt_id
+        assert len(pending) == 2
+        assert (await client.post(f"{url}/interrupt", json={})).status_code == 200
+
+        final = await final_state(client, real_comfy, "real-impostor")
+        assert final["state"] == "success", final
+        await receiver.wait_for(1, timeout=60)
+        deadline = time.monotonic() + 60
+        while (await client.get(f"{url}/queue")).json()["queue_pending"]:
+            assert time.monotonic() < deadline, "the queue never drained"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # a second delivery would have arrived by now
+        [body] = receiver.bodies("real-impostor")
+        assert body["status"] == "success" and body["prompt_id"] == prompt_id
+        image = await client.get(body["image_url"])
+        assert image.status_code == 200
+        with Image.open(io.BytesIO(image.content)) as decoded:
+            size, pixel = decoded.size, decoded.convert("RGB").getpixel((0, 0))
+        assert size == (64, 48) and pixel[0] > 200 and pixel[2] < 60, (size, pixel)
+        # the impostor ran as an ordinary prompt: its file is saved, nothing of it was sent
+        sizes = []
+        for path in real_comfy.output.rglob("job*"):
+            with Image.open(path) as saved:
+                sizes.append(saved.size)
+        assert sorted(sizes) == [(32, 32), (64, 48)]
+        assert "belong to no running courier job" in real_comfy.log.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 from comfy_courier.executor.comfy_port import Completion
 
@@ -23,11 +24,25 @@ async def test_queued_job_is_resubmitted_after_a_restart(make_harness, tmp_path)
     assert [b["status"] for b in second.receiver.bodies("rs1")] == ["success"]
 
 
+def journal_row(h, cid: str) -> tuple[str, int]:
+    """(state, runs) of the job's latest attempt, read straight from the journal file."""
+    with sqlite3.connect(h.settings.db_path) as db:
+        return db.execute("SELECT state, runs FROM jobs WHERE content_request_id = ?"
+                          " ORDER BY attempt DESC LIMIT 1", (cid,)).fetchone()
+
+
+def died_while_running(h, cid: str) -> None:
+    """The process died while ComfyUI executed the job: its row says so."""
+    h.comfy.stop()
+    h.journal_sql("UPDATE jobs SET state = 'running', started_at = created_at"
+                  " WHERE content_request_id = ?", cid)
+
+
 async def test_job_lost_too_often_ends_in_one_error(make_harness, tmp_path):
     env = {"COURIER_MAX_ATTEMPTS": "1"}
     first = await make_harness(env=env, start_worker=False)
     await first.post(model_free(), "lost1")
-    first.comfy.stop()
+    died_while_running(first, "lost1")
 
     second = await make_harness(env=env, base=tmp_path / "comfy2")
     final = await second.wait_final("lost1")
@@ -36,6 +51,51 @@ async def test_job_lost_too_often_ends_in_one_error(make_harness, tmp_path):
     await second.settle()
     [body] = second.receiver.bodies("lost1")
     assert body["error_type"] == "lost"
+    assert "running, 1 time(s) (COURIER_MAX_ATTEMPTS=1)" in body["error_message"]
+
+
+async def test_a_job_that_only_waited_survives_any_number_of_restarts(make_harness, tmp_path):
+    # COURIER_MAX_ATTEMPTS stops a job that crashes ComfyUI, not the backlog behind it
+    env = {"COURIER_MAX_ATTEMPTS": "1"}
+    first = await make_harness(env=env, start_worker=False)
+    await first.post(model_free(), "wait1")
+    first.comfy.stop()
+    for n in range(2, 6):  # four kill -9s while it waits in the queue
+        restarted = await make_harness(env=env, base=tmp_path / f"comfy{n}", start_worker=False)
+        assert (await restarted.status("wait1"))["state"] == "queued"
+        assert journal_row(restarted, "wait1") == ("queued", 1)
+        restarted.comfy.stop()
+    last = await make_harness(env=env, base=tmp_path / "comfy6")
+    final = await last.wait_final("wait1")
+    assert final["state"] == "success" and final["attempt"] == 1
+    await last.receiver.wait_for(1)
+    await last.settle()
+    assert [b["status"] for b in last.receiver.bodies("wait1")] == ["success"]
+
+
+async def test_only_restarts_that_cut_a_run_short_count_against_max_attempts(make_harness,
+                                                                             tmp_path):
+    # with COURIER_MAX_ATTEMPTS=2: waited, ran, waited, waited, ran -> lost after 2 runs
+    env = {"COURIER_MAX_ATTEMPTS": "2"}
+    h = await make_harness(env=env, start_worker=False)
+    await h.post(model_free(), "mix1")
+    expected = []
+    for n, was in enumerate(["queued", "running", "queued", "queued"], start=2):
+        if was == "running":
+            died_while_running(h, "mix1")
+        else:
+            h.comfy.stop()
+        h = await make_harness(env=env, base=tmp_path / f"comfy{n}", start_worker=False)
+        expected.append(journal_row(h, "mix1"))
+    assert expected == [("queued", 1), ("queued", 2), ("queued", 2), ("queued", 2)]
+    died_while_running(h, "mix1")
+    last = await make_harness(env=env, base=tmp_path / "comfy9", start_worker=False)
+    final = await last.wait_final("mix1")
+    assert final["state"] == "error" and final["error_type"] == "lost"
+    assert "running, 2 time(s) (COURIER_MAX_ATTEMPTS=2)" in final["error_message"]
+    await last.receiver.wait_for(1)
+    await last.settle()
+    assert [b["error_type"] for b in last.receiver.bodies("mix1")] == ["lost"]
 
 
 async def test_undelivered_callback_resumes_after_restart(make_harness, tmp_path):

@@ -92,8 +92,12 @@ class Store(Protocol):
 
     async def cancel_requests(self, instance: str) -> list[str]: ...
 
-    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> int | None:
-        """The attempt runs again under `new_prompt_id`: its new epoch; None if it ended."""
+    async def resubmitted(
+        self, old_prompt_id: str, new_prompt_id: str, now: float, *, count_run: bool
+    ) -> int | None:
+        """The unfinished job runs again under a new prompt_id, queued: its new epoch; None
+        if it ended meanwhile. `count_run`: it was executing when its process died, so
+        `runs` + 1."""
         ...
 
     async def reclaim(self, prompt_id: str, epoch: int) -> int | None:

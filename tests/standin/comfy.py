@@ -8,6 +8,9 @@ It mirrors the real signatures and shapes (design.md, "ComfyUI facts"), in two f
   it does in the real one.
 The worker executes a small graph language: EmptyImage, SaveImage, SaveAndCallback (the
 real node class), plus test nodes that fail, sleep (interruptibly) or block.
+`add_comfy_routes()` serves ComfyUI's own POST /prompt (a client-chosen `prompt_id`,
+`front`, `number`; 0.33 takes the id only as a lowercase UUID), GET /queue and GET /history,
+as server.py does: anyone who reaches ComfyUI can queue a prompt under any id.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -334,6 +338,67 @@ class StandinComfy:
 
     def interrupt_processing(self, value: bool = True) -> None:
         self.interrupted = value
+
+    def add_comfy_routes(self) -> None:
+        """ComfyUI's own /prompt, /queue and /history, after server.py (0.3.64 and 0.33)."""
+        routes, queue = self.routes, self.prompt_queue
+
+        @routes.post("/prompt")
+        async def post_prompt(request: web.Request) -> web.Response:
+            json_data = self.trigger_on_prompt(await request.json())
+            if "number" in json_data:
+                number = float(json_data["number"])
+            else:
+                number = self.number
+                if json_data.get("front"):
+                    number = -number
+                self.number += 1
+            if "prompt" not in json_data:
+                error = {"type": "no_prompt", "message": "No prompt provided",
+                         "details": "No prompt provided", "extra_info": {}}
+                return web.json_response({"error": error, "node_errors": {}}, status=400)
+            prompt = json_data["prompt"]
+            if self.version.startswith("0.33"):
+                client_prompt_id = json_data.get("prompt_id")
+                prompt_id = str(uuid.uuid4()) if client_prompt_id is None else client_prompt_id
+                try:
+                    if str(uuid.UUID(prompt_id)) != prompt_id:
+                        raise ValueError(prompt_id)
+                except (TypeError, ValueError, AttributeError):
+                    error = {"type": "invalid_prompt_id",
+                             "message": "prompt_id must be a valid UUID", "details": "",
+                             "extra_info": {}}
+                    return web.json_response({"error": error, "node_errors": {}}, status=400)
+            else:
+                prompt_id = str(json_data.get("prompt_id", uuid.uuid4()))
+            valid = await self.validate_prompt(prompt_id, prompt, None)
+            extra_data = json_data.get("extra_data", {})
+            if "client_id" in json_data:
+                extra_data["client_id"] = json_data["client_id"]
+            if not valid[0]:
+                return web.json_response({"error": valid[1], "node_errors": valid[3]},
+                                         status=400)
+            item: tuple[Any, ...] = (number, prompt_id, prompt, extra_data, valid[2])
+            if self.version.startswith("0.33"):
+                extra_data["create_time"] = int(time.time() * 1000)
+                item += ({},)
+            queue.put(item)
+            return web.json_response(
+                {"prompt_id": prompt_id, "number": number, "node_errors": valid[3]})
+
+        @routes.get("/queue")
+        async def get_queue(request: web.Request) -> web.Response:
+            running, pending = queue.get_current_queue()
+            return web.json_response({"queue_running": [list(i[:5]) for i in running],
+                                      "queue_pending": [list(i[:5]) for i in pending]})
+
+        @routes.get("/history")
+        async def get_history(request: web.Request) -> web.Response:
+            return web.json_response(queue.get_history())
+
+        @routes.get("/history/{prompt_id}")
+        async def get_history_prompt_id(request: web.Request) -> web.Response:
+            return web.json_response(queue.get_history(prompt_id=request.match_info["prompt_id"]))
 
     def make_app(self) -> web.Application:
         """Like PromptServer.add_routes: every route also under /api."""

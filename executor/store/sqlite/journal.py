@@ -227,13 +227,17 @@ class Journal(OutboxRows):
         rows = self._db.execute(CANCEL_REQUESTS, (instance,)).fetchall()
         return [row[0] for row in rows]
 
-    def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> int | None:
+    def resubmitted(
+        self, old_prompt_id: str, new_prompt_id: str, now: float, count_run: bool
+    ) -> int | None:
         """The same attempt runs again under a new prompt_id after a restart; its epoch.
 
-        The claim's epoch goes up, so the old run's writes are refused if it is still
-        alive somewhere (a stalled instance). None if it ended meanwhile (recovery reads
-        its list once, then works through it while jobs finish): then nothing changes, and
-        the caller must not queue it.
+        `count_run`: it was executing when its process died, so `runs` goes up by one (a
+        job that only waited in the queue keeps its count). The claim's epoch goes up, so
+        the old run's writes are refused if it is still alive somewhere (a stalled
+        instance). None if it ended meanwhile (recovery reads its list once, then works
+        through it while jobs finish): then nothing changes, and the caller must not
+        queue it.
         """
         with self._tx() as db:
             row = db.execute(
@@ -244,10 +248,10 @@ class Journal(OutboxRows):
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET prompt_id = ?, runs = runs + 1, state = 'queued',"
+                "UPDATE jobs SET prompt_id = ?, runs = runs + ?, state = 'queued',"
                 " epoch = epoch + 1, started_at = NULL, executed_at = NULL,"
                 " expected_images = NULL WHERE prompt_id = ?",
-                (new_prompt_id, old_prompt_id),
+                (new_prompt_id, int(count_run), old_prompt_id),
             )
             db.execute(
                 "DELETE FROM images WHERE content_request_id = ? AND attempt = ?",

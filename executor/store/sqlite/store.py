@@ -109,8 +109,10 @@ class SqliteStore:
     async def cancel_requests(self, instance: str) -> list[str]:
         return await self._call(Journal.cancel_requests, instance)
 
-    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> int | None:
-        return await self._call(Journal.resubmitted, old_prompt_id, new_prompt_id, now)
+    async def resubmitted(
+        self, old_prompt_id: str, new_prompt_id: str, now: float, *, count_run: bool
+    ) -> int | None:
+        return await self._call(Journal.resubmitted, old_prompt_id, new_prompt_id, now, count_run)
 
     async def reclaim(self, prompt_id: str, epoch: int) -> int | None:
         return await self._call(Journal.reclaim, prompt_id, epoch)
