@@ -32,7 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from .comfy_port import Completion, Executing, QueueSnapshot, SavedFile, Validation
-from .comfy_reports import explain_missing_nodes, relative_paths
+from .comfy_reports import explain_missing_nodes, parents, relative_paths
 from .errors import UnsupportedComfyUI
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,9 @@ class ComfyAdapter:
             value = getattr(fp, attribute, None)
             if isinstance(value, str):
                 found.append((value, label))
-        return found
+        # what lies beside ComfyUI's folder or the output folder, as ../ paths from them
+        anchors = sorted((d for d in found if d[1] in ("", "output")), key=lambda d: d[1])
+        return found + [p for directory, label in anchors for p in parents(directory, label)]
 
     # -- submission ---------------------------------------------------------------------
 

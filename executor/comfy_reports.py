@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping, Sequence
 from functools import partial
+from pathlib import PurePath
 from typing import Any
 
 # ComfyUI's error types for an unknown class_type: 0.3.x / 0.33+
@@ -79,18 +80,36 @@ def explain_missing_nodes(
     return explained, node_errors
 
 
+def parents(directory: str, label: str) -> list[tuple[str, str]]:
+    """The parents of `directory` as `../` paths from its label, nearest first.
+
+    ComfyUI's refusal of a save path outside the output folder prints where it would have
+    gone (`/srv/escape` for `../../escape`); relative to the output folder that is
+    `output/../../escape`, which names nothing of the host.
+    """
+    found = []
+    for depth, parent in enumerate(PurePath(directory).parents, start=1):
+        up = "/".join([".."] * depth)
+        found.append((str(parent), f"{label}/{up}" if label else up))
+    return found
+
+
 def relative_paths(text: str, directories: Sequence[tuple[str, str]]) -> str:
     """`text` with each absolute directory replaced by its label, the longest first.
 
     `directories` pairs a path with what it becomes: `("/srv/ComfyUI/output", "output")`
     turns `/srv/ComfyUI/output/x/y.png` into `output/x/y.png`; an empty label drops the
     directory (`("/srv/ComfyUI", "")`: `/srv/ComfyUI/custom_nodes/a.py` becomes
-    `custom_nodes/a.py`). A path that only starts alike (`.../output2`) is left alone.
+    `custom_nodes/a.py`). A path that only starts alike (`.../output2`) is left alone. A
+    path listed twice keeps its first label.
     """
-    usable = [(path.rstrip("/\\"), label) for path, label in directories]
-    # never a root (`/`, `C:\\`): it would mangle every path in the text
-    usable = [(path, label) for path, label in usable if path and not _DRIVE.fullmatch(path)]
-    for path, label in sorted(usable, key=lambda d: len(d[0]), reverse=True):
+    usable: dict[str, str] = {}
+    for path, label in directories:
+        path = path.rstrip("/\\")
+        # never a root (`/`, `C:\\`): it would mangle every path in the text
+        if path and not _DRIVE.fullmatch(path):
+            usable.setdefault(path, label)
+    for path, label in sorted(usable.items(), key=lambda d: len(d[0]), reverse=True):
         pattern = re.compile(re.escape(path) + r"(?:(?P<sep>[/\\])|(?![\w.-]))")
         text = pattern.sub(partial(_replacement, label=label), text)
     return text

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from comfy_courier.executor.comfy_reports import explain_missing_nodes, relative_paths
+from comfy_courier.executor.comfy_reports import explain_missing_nodes, parents, relative_paths
 
 from conftest import model_free
 from standin.comfy import StandinComfy
@@ -92,6 +92,14 @@ def test_comfyuis_directories_become_relative(text, expected):
     assert relative_paths(text, DIRS) == expected
 
 
+def test_parents_are_paths_up_from_their_directory():
+    assert parents("/srv/ComfyUI/output", "output") == [
+        ("/srv/ComfyUI", "output/.."), ("/srv", "output/../.."), ("/", "output/../../..")]
+    text = "full_output_folder: /srv/escape\n commonpath: /srv"
+    directories = [("/srv/ComfyUI", ""), *parents("/srv/ComfyUI", "")]
+    assert relative_paths(text, directories) == "full_output_folder: ../escape\n commonpath: .."
+
+
 def test_windows_directories_too():
     text = r"could not write C:\ComfyUI\output\x\1.png"
     relative = relative_paths(text, [(r"C:\ComfyUI\output", "output"), ("C:\\", "drive")])
@@ -126,15 +134,31 @@ async def test_an_execution_error_leaves_the_host_without_its_directories(make_h
     assert output_dir in errors[0][1]["exception_message"]
 
 
-async def test_a_refused_save_path_names_no_host_directory(make_harness, tmp_path):
+@pytest.mark.parametrize("prefix, shown", [("../escape/x", "full_output_folder: escape"),
+                                            ("../../escape/x", "full_output_folder: ../escape")])
+async def test_a_refused_save_path_names_no_host_directory(make_harness, tmp_path, prefix,
+                                                           shown):
     """ComfyUI's refusal prints full_output_folder and output_dir (the issue's case)."""
     h = await make_harness(base=tmp_path / "ComfyUI")
     workflow = model_free()
     workflow["3"] = {"class_type": "SaveImage",
-                     "inputs": {"images": ["1", 0], "filename_prefix": "../escape/x"}}
+                     "inputs": {"images": ["1", 0], "filename_prefix": prefix}}
     await h.post(workflow, "paths2")
     final = await h.wait_final("paths2")
     assert final["error_type"] == "execution"
-    assert "full_output_folder: escape" in final["error_message"]
+    assert shown in final["error_message"] and "output_dir: output" in final["error_message"]
+    assert str(tmp_path) not in json.dumps(final)
+
+
+async def test_an_output_folder_outside_comfyui_is_relative_too(make_harness, tmp_path):
+    """`--output-directory <elsewhere>`: its paths, and those beside it, show relative."""
+    h = await make_harness(base=tmp_path / "ComfyUI")
+    h.comfy.folder_paths.output_directory = str(tmp_path / "data" / "out")
+    workflow = model_free()
+    workflow["3"] = {"class_type": "SaveImage",
+                     "inputs": {"images": ["1", 0], "filename_prefix": "../../escape/x"}}
+    await h.post(workflow, "paths3")
+    final = await h.wait_final("paths3")
+    assert "full_output_folder: ../escape" in final["error_message"]  # beside ComfyUI's folder
     assert "output_dir: output" in final["error_message"]
     assert str(tmp_path) not in json.dumps(final)

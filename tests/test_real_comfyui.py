@@ -226,6 +226,11 @@ async def test_runtime_error_gives_exactly_one_error_callback(real_comfy, receiv
         bodies = receiver.bodies("real-runtime-error")
         assert [b["status"] for b in bodies] == ["error"]
         assert bodies[0]["error_type"] == "execution" and bodies[0]["node_id"] == "3"
+        # ComfyUI's refusal names the folders; none leaves the host as a path of it
+        message = bodies[0]["error_message"]
+        assert "full_output_folder: output/../..\n" in message, message
+        assert str(real_comfy.output.parent.parent) not in message
+        assert str(Path(COMFYUI_DIR or "").resolve()) not in message
 
 
 async def test_validation_errors_pass_through(real_comfy):
@@ -235,6 +240,32 @@ async def test_validation_errors_pass_through(real_comfy):
         resp = await real_comfy.post(client, workflow, "real-invalid")
         assert resp.status_code == 400
         assert "1" in resp.json()["node_errors"]
+        # an unknown node type is named with its node (ComfyUI says only the first, by id)
+        workflow = load("model-free.json")
+        workflow["3"] = {"class_type": "NotInstalledNode", "inputs": {"images": ["1", 0]}}
+        resp = await real_comfy.post(client, workflow, "real-missing-node")
+        assert resp.status_code == 400
+        body = resp.json()
+        assert body["error"]["message"] == (
+            "node 3: class_type 'NotInstalledNode' is not installed on this ComfyUI")
+        assert list(body["node_errors"]) == ["3"]
+
+
+async def test_the_shipped_examples_run(real_comfy, receiver):
+    """examples/*.json as shipped (txt2img with the tiny checkpoint in place of a real one)."""
+    require_tiny_checkpoint()
+    examples = REPO / "examples"
+    txt2img = json.loads((examples / "txt2img-sd15.json").read_text())
+    txt2img["4"]["inputs"]["ckpt_name"] = "tiny_sd15_random.safetensors"
+    txt2img["5"]["inputs"].update(width=64, height=64)
+    txt2img["3"]["inputs"]["steps"] = 2
+    async with httpx.AsyncClient(timeout=30) as client:
+        for workflow, cid in ((json.loads((examples / "model-free.json").read_text()),
+                               "real-example-1"), (txt2img, "real-example-2")):
+            resp = await real_comfy.post(client, workflow, cid)
+            assert resp.status_code == 202, resp.text
+        for cid in ("real-example-1", "real-example-2"):
+            assert (await final_state(client, real_comfy, cid))["state"] == "success"
 
 
 async def test_sigkill_while_running_then_restart_loses_nothing(tmp_path, receiver):

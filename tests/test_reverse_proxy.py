@@ -333,8 +333,9 @@ COMFY_ROUTES = ["/", "/prompt", "/api/prompt", "/queue", "/api/queue", "/history
                 "/system_stats", "/extensions", "/userdata", "/api/userdata/comfy.settings.json",
                 "/settings", "/users", "/embeddings", "/models", "/api/jobs", "/internal/logs",
                 "/api/v2/userdata", "/manager/reboot", "/customnode/getlist",
-                "/courier/metrics", "/execute-workflow/", "/execute-workflow/a/b",
-                "/Execute-Workflow", "/execute-workflowx", "/index.html", "/scripts/app.js"]
+                "/courier/metrics", "/courier/redeliver", "/execute-workflow/",
+                "/execute-workflow/a/b", "/Execute-Workflow", "/execute-workflowx", "/index.html",
+                "/scripts/app.js"]
 
 
 @pytest.mark.parametrize("path", COMFY_ROUTES)

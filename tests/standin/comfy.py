@@ -279,6 +279,13 @@ REQUIRED = {
     "FailingNode": (),
     "SlowNode": ("images",),
     "BlockingNode": ("images",),
+    # known to validation only (the shipped txt2img example); the worker cannot run them
+    "CheckpointLoaderSimple": ("ckpt_name",),
+    "CLIPTextEncode": ("text", "clip"),
+    "EmptyLatentImage": ("width", "height", "batch_size"),
+    "KSampler": ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                 "negative", "latent_image", "denoise"),
+    "VAEDecode": ("samples", "vae"),
 }
 
 

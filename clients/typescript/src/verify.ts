@@ -20,7 +20,7 @@ export type VerifyErrorCode =
 
 export interface VerifyError {
   code: VerifyErrorCode;
-  /** The HTTP status to answer with. 4xx other than 408/425/429 makes the courier stop retrying. */
+  /** The HTTP status to answer with. The courier retries every non-2xx until its horizon (only 410 stops it). */
   status: 400 | 401 | 413 | 500;
   message: string;
   /** For `invalid_body`: what did not match the contract. */
