@@ -8,13 +8,8 @@ attributes, and nowhere else:
 - queue items of 5 elements, or 6 with `sensitive` (0.33+); a wrong length kills the worker;
 - `task_done(item_id, history_result, status[, process_item])`: passed through as given.
 
-Which queue items are the courier's is known by identity, never by `prompt_id`: ComfyUI's
-/prompt takes a client-chosen id and /queue shows the courier's, so anyone could queue a
-prompt under a waiting job's id. The adapter keeps the tuple object it put for each job;
-`PromptQueue.get` hands the worker that very object (heappop, no copy), so the worker's
-hooks know whether the item it took is one the courier put, and remember its `item_id`
-for `task_done`. Nothing of this is in the item, so nothing of it shows in /queue or
-/history. Anything else run under a job's id is an ordinary prompt.
+Which queue items are the courier's is known by identity, never by `prompt_id`
+(`comfy_items.py` keeps that bookkeeping; the hooks here feed it).
 """
 
 from __future__ import annotations
@@ -31,6 +26,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .comfy_hooks import WorkerHooks
+from .comfy_items import CourierItems
 from .comfy_port import Completion, Executing, QueueSnapshot, SavedFile, Validation
 from .comfy_reports import explain_missing_nodes, parents, relative_paths
 from .errors import UnsupportedComfyUI
@@ -39,7 +36,6 @@ log = logging.getLogger(__name__)
 
 MIN_VERSION = (0, 3, 45)  # async validate_prompt and get_executing_context
 CLIENT_ID = "comfy-courier"
-_WRAPPED = "_courier_wrapped"
 
 
 def parse_version(text: str | None) -> tuple[int, ...] | None:
@@ -68,8 +64,6 @@ class ComfyAdapter:
         node_types: Callable[[], Collection[str]] | None = None,  # nodes.NODE_CLASS_MAPPINGS
     ) -> None:
         self.server = server
-        self._progress_hooks = progress_hooks  # comfy.utils: PROGRESS_BAR_HOOK lives there
-        self._progress_callback: Callable[[str, float], None] | None = None
         self.queue = server.prompt_queue
         self.folder_paths = folder_paths
         self.version = version
@@ -82,12 +76,14 @@ class ComfyAdapter:
         self._worker_seen = False
         self._worker_name = worker_name
         self._node_types = node_types
-        # The courier's items, by identity (all under the queue's lock): put and waiting,
-        # by prompt_id; taken by the worker and not yet done, by ComfyUI's item_id; and
-        # the prompt_id of the one executing now, if it is the courier's.
-        self._waiting: dict[str, tuple[Any, ...]] = {}
-        self._taken: dict[Any, str] = {}
-        self._executing: str | None = None
+        self.items = CourierItems(self.queue)  # the courier's queue items, by identity
+        self.hooks = WorkerHooks(
+            self.queue,
+            self.items,
+            progress_hooks,
+            get_executing_context,
+            lambda text: relative_paths(text, self.host_directories()),
+        )
         validate = getattr(execution, "validate_prompt", None)
         if validate is None or not inspect.iscoroutinefunction(validate):
             raise UnsupportedComfyUI(
@@ -246,7 +242,7 @@ class ComfyAdapter:
         # By now ComfyUI has installed its own progress hook. The get wrapper chains ours
         # too, but a worker that on_start could not wake (a get() without a timeout) would
         # take this job unwrapped.
-        self._chain_progress_hook()
+        self.hooks.chain_progress_hook()
         # The queue's lock is re-entrant: numbers are taken in the order jobs are queued.
         with self.queue.mutex:
             number = self.server.number
@@ -254,10 +250,7 @@ class ComfyAdapter:
             item: tuple[Any, ...] = (number, prompt_id, prompt, extra_data, outputs)
             if self.queue_item_length == 6:
                 item += ({},)  # `sensitive`: the courier never puts secrets in a job
-            self._waiting[prompt_id] = item
-            if self.queue.put(item) is False:  # some newer queues refuse a reused prompt_id
-                del self._waiting[prompt_id]
-                raise RuntimeError(f"ComfyUI refused to queue prompt {prompt_id}")
+            self.items.put(prompt_id, item)
 
     # -- the queue ----------------------------------------------------------------------
 
@@ -266,35 +259,10 @@ class ComfyAdapter:
             return len(self.queue.currently_running) + len(self.queue.queue)
 
     def queue_snapshot(self) -> QueueSnapshot:
-        # Read under the queue's own lock; get_current_queue() would deep-copy every
-        # pending prompt, which costs milliseconds on a long queue.
-        with self.queue.mutex:
-            waiting = self._waiting
-            ours = waiting.get
-            numbers: list[float] = []
-            pending: dict[str, float] = {}
-            for item in self.queue.queue:
-                number, prompt_id = item[0], item[1]
-                numbers.append(number)
-                if ours(prompt_id) is item:
-                    pending[prompt_id] = number
-            if len(pending) != len(waiting):  # deleted through ComfyUI's /queue: forget them
-                for prompt_id in waiting.keys() - pending.keys():
-                    del waiting[prompt_id]
-            return QueueSnapshot(
-                frozenset(self._taken.values()),
-                pending,
-                busy=len(self.queue.currently_running),
-                numbers=tuple(numbers),
-            )
+        return self.items.snapshot()
 
     def remove_pending(self, prompt_id: str) -> bool:
-        """Take the courier's own item for `prompt_id` off the queue (never another's)."""
-        with self.queue.mutex:
-            item = self._waiting.pop(prompt_id, None)
-            if item is None:
-                return False
-            return bool(self.queue.delete_queue_item(lambda candidate: candidate is item))
+        return self.items.remove(prompt_id)
 
     def worker_alive(self) -> bool | None:
         """Is ComfyUI's prompt worker thread alive? None until one has been seen.
@@ -329,7 +297,7 @@ class ComfyAdapter:
         """Interrupt only if the courier's item for this prompt is the one running: the
         flag is global. Under the queue's lock, so the worker cannot move on meanwhile."""
         with self.queue.mutex:
-            if prompt_id not in self._taken.values():
+            if not self.items.running(prompt_id):
                 return False
             atomic = getattr(self.queue, "interrupt_if_running", None)  # ComfyUI 0.26+
             if atomic is not None:
@@ -337,87 +305,17 @@ class ComfyAdapter:
             self._interrupt_processing(True)
         return True
 
+    # -- the worker's hooks (comfy_hooks.py) ---------------------------------------------
+
     def on_start(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(prompt_id)` on the worker thread when it takes one of the
-        courier's items to run (known by identity: see the module's docstring)."""
         self.worker_alive()  # ComfyUI starts its worker before it serves: note it now
-        queue = self.queue
-        original = queue.get
-        if getattr(original, _WRAPPED, False):
-            original = original.__wrapped__
-
-        def get(*args: Any, **kwargs: Any) -> Any:
-            # Under the queue's lock, so that no snapshot sees the item neither waiting nor
-            # taken. The lock is re-entrant and get()'s wait releases it fully.
-            with queue.mutex:
-                taken = original(*args, **kwargs)
-                started = self._took(taken) if taken is not None else None
-            if taken is not None:
-                try:
-                    self._chain_progress_hook()
-                    if started is not None:
-                        callback(started)
-                except Exception:  # never break ComfyUI's worker
-                    log.exception("[courier] start hook failed")
-            return taken
-
-        get.__wrapped__ = original  # type: ignore[attr-defined]
-        setattr(get, _WRAPPED, True)
-        queue.get = get
-        # The idle worker has sat in the unwrapped get() since start-up (ComfyUI waits up
-        # to 1000 s), and would take the first job without this hook. Woken with an empty
-        # queue, ComfyUI's get() returns None, which its worker takes for a timeout; its
-        # next call is the wrapper.
-        with queue.not_empty:
-            queue.not_empty.notify_all()
-
-    def _took(self, taken: Any) -> str | None:
-        """The worker took `taken` = (item, item_id): the prompt_id if it is the courier's."""
-        try:
-            item, item_id = taken
-            prompt_id = item[1]
-            ours = isinstance(prompt_id, str) and self._waiting.get(prompt_id) is item
-            self._executing = prompt_id if ours else None
-            if not ours:
-                return None
-            del self._waiting[prompt_id]
-            self._taken[item_id] = prompt_id
-            return str(prompt_id)
-        except Exception:  # never break ComfyUI's worker
-            log.exception("[courier] start hook failed")
-            return None
+        self.hooks.on_start(callback)
 
     def on_progress(self, callback: Callable[[str, float], None]) -> None:
-        """Call `callback(prompt_id, value/total)` on the worker thread for progress bars
-        of the courier's items.
+        self.hooks.on_progress(callback)
 
-        ComfyUI installs its own global progress hook after custom nodes load, so ours is
-        chained onto whatever is installed when a prompt is queued or taken, not now.
-        """
-        self._progress_callback = callback
-
-    def _chain_progress_hook(self) -> None:
-        hooks = self._progress_hooks
-        if hooks is None or self._progress_callback is None:
-            return
-        current = getattr(hooks, "PROGRESS_BAR_HOOK", None)
-        if getattr(current, _WRAPPED, False):
-            return
-        callback = self._progress_callback
-
-        def hook(value: Any, total: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                context = self._get_executing_context()
-                if context is not None and total and self._executing == context.prompt_id:
-                    callback(str(context.prompt_id), float(value) / float(total))
-            except Exception:  # never break a node's progress bar
-                log.exception("[courier] progress hook failed")
-            if current is not None:
-                return current(value, total, *args, **kwargs)
-            return None
-
-        setattr(hook, _WRAPPED, True)
-        hooks.PROGRESS_BAR_HOOK = hook
+    def on_completion(self, callback: Callable[[Completion], None]) -> None:
+        self.hooks.on_completion(callback)
 
     def notify_client(self, prompt_id: str, event: str, data: dict[str, Any]) -> None:
         """Send a websocket event to the browser that queued `prompt_id` (UI runs only)."""
@@ -438,41 +336,6 @@ class ComfyAdapter:
         if client_id and client_id != self.client_id:
             self.server.send_sync(event, data, client_id)
 
-    def on_completion(self, callback: Callable[[Completion], None]) -> None:
-        """Call `callback` on the worker thread when one of the courier's items leaves
-        execution: the `item_id` the worker took it under, never its prompt_id."""
-        queue = self.queue
-        original = queue.task_done
-        if getattr(original, _WRAPPED, False):
-            original = original.__wrapped__
-
-        def task_done(
-            item_id: Any, history_result: Any, status: Any, *args: Any, **kwargs: Any
-        ) -> Any:
-            with queue.mutex:
-                prompt_id = self._taken.get(item_id)
-            if prompt_id is not None:
-                try:
-                    callback(_completion(prompt_id, history_result, status, self._scrub))
-                except Exception:  # never break ComfyUI's worker
-                    log.exception("[courier] completion hook failed")
-            try:
-                return original(item_id, history_result, status, *args, **kwargs)
-            finally:
-                # Only now: until ComfyUI's task_done returns the item counts as running,
-                # and the completion handed over above marks it done.
-                with queue.mutex:
-                    self._taken.pop(item_id, None)
-                    self._executing = None
-
-        task_done.__wrapped__ = original  # type: ignore[attr-defined]
-        setattr(task_done, _WRAPPED, True)
-        queue.task_done = task_done
-
-    def _scrub(self, text: str) -> str:
-        """ComfyUI's directories made relative: error messages go to callbacks and status."""
-        return relative_paths(text, self.host_directories())
-
     # -- nodes --------------------------------------------------------------------------
 
     def executing(self) -> Executing | None:
@@ -481,7 +344,7 @@ class ComfyAdapter:
         if context is None:
             return None
         prompt_id = str(context.prompt_id)
-        return Executing(prompt_id, str(context.node_id), self._executing == prompt_id)
+        return Executing(prompt_id, str(context.node_id), self.items.executing == prompt_id)
 
     def save_path(self, prefix: str, width: int, height: int) -> tuple[str, str, int, str, str]:
         """folder_paths.get_save_image_path: refuses prefixes that leave the output folder."""
@@ -507,21 +370,3 @@ class ComfyAdapter:
                 files.append(SavedFile(str(node_id), index, path))
                 index += 1
         return files
-
-
-def _completion(
-    prompt_id: str, history_result: Any, status: Any, scrub: Callable[[str], str] = str
-) -> Completion:
-    outputs: Any = history_result
-    if isinstance(history_result, dict) and "outputs" in history_result:
-        outputs = history_result["outputs"]
-    status_str = getattr(status, "status_str", None) or "success"
-    messages = [
-        (str(m[0]), dict(m[1]) if isinstance(m[1], dict) else {})
-        for m in (getattr(status, "messages", None) or [])
-        if isinstance(m, (list, tuple)) and len(m) == 2
-    ]
-    for _, data in messages:  # copies: ComfyUI's history keeps its own
-        if isinstance(data.get("exception_message"), str):
-            data["exception_message"] = scrub(data["exception_message"])
-    return Completion(prompt_id, status_str, messages, dict(outputs or {}))

@@ -166,5 +166,5 @@ def test_an_item_deleted_through_comfyui_is_forgotten(tmp_path):
     adapter.enqueue("job", {}, {"client_id": "comfy-courier"}, ["2"])
     assert comfy.prompt_queue.delete_queue_item(lambda item: item[1] == "job")
     comfy.prompt_queue.put((5, "job", {}, {}, ["2"]))  # and someone queues the id again
-    assert "job" not in adapter.queue_snapshot() and adapter._waiting == {}
+    assert "job" not in adapter.queue_snapshot() and adapter.items._waiting == {}
     assert not adapter.remove_pending("job") and len(comfy.prompt_queue.queue) == 1
