@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 
 from . import intake
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 15.0
 STALE_AFTER = 90.0  # an instance silent this long has its work adopted by a live one
+# Wall-clock time that passes between heartbeats differing this much from the monotonic
+# time that passed is a step of the clock (NTP slews far slower: 0.5 ms/s at most).
+CLOCK_STEP = 5.0
 
 
 class Recovery:
@@ -43,6 +47,7 @@ class Recovery:
         instance: str,
         clock: Callable[[], float],
         deliverer: Deliverer | None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -52,25 +57,58 @@ class Recovery:
         self.settler = settler
         self.background = background
         self.instance = instance
-        self.clock = clock
+        self.clock = clock  # wall: heartbeats are compared across processes
         self.deliverer = deliverer
+        self.monotonic = monotonic
         # one recovery at a time: none queues a job twice
         self._recovering = asyncio.Lock()
+        self._last_beat: tuple[float, float] | None = None  # (wall, monotonic)
+        self._adopt_after = -float("inf")  # monotonic: no adoption before (a clock step)
+        self.beats = 0
 
     async def keep_alive(self) -> None:
         """Heartbeat this instance; adopt the work of instances that went silent."""
-        beats = 0
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
-            try:
-                await self.store.heartbeat(self.instance, self.clock())
-                beats += 1
-                if beats % 4 == 0 and await self.adopt_orphans():
-                    await self.recover()
-            except Exception:
-                log.exception("[courier] heartbeat failed")
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One heartbeat; every fourth also adopts the work of silent instances."""
+        try:
+            self._notice_clock_step()
+            await self.store.heartbeat(self.instance, self.clock())
+            self.beats += 1
+            if self.beats % 4 == 0 and await self.adopt_orphans():
+                await self.recover()
+        except Exception:
+            log.exception("[courier] heartbeat failed")
+
+    def _notice_clock_step(self) -> None:
+        """Pause adoption for STALE_AFTER after a step of this host's wall clock.
+
+        Heartbeats are wall-clock times compared across processes (and hosts): no
+        monotonic clock is shared by two processes or survives a reboot, so staleness
+        cannot be measured with one. What one can do is notice a step of the local clock:
+        right after a step forward every sibling's last beat looks old by the step, until
+        each has beaten again with the stepped clock (same host, same clock).
+        """
+        wall, mono = self.clock(), self.monotonic()
+        last, self._last_beat = self._last_beat, (wall, mono)
+        if last is None:
+            return
+        step = (wall - last[0]) - (mono - last[1])
+        if abs(step) > CLOCK_STEP:
+            self._adopt_after = mono + STALE_AFTER
+            log.warning(
+                "[courier] the wall clock stepped %+.0f s; no adoption of silent instances "
+                "for %.0f s while the others' heartbeats catch up",
+                step,
+                STALE_AFTER,
+            )
 
     async def adopt_orphans(self) -> list[str]:
+        if self.monotonic() < self._adopt_after:
+            return []
         adopted = await self.store.adopt_stale(self.instance, self.clock(), STALE_AFTER)
         for name in adopted:
             log.warning("[courier] adopted the unfinished work of silent instance %s", name)

@@ -25,6 +25,9 @@ class Run:
     next_seq: int = 1
     completed: bool = False
     progress: float | None = None  # of the running sampler, from ComfyUI's progress bars
+    # monotonic time its execution started, as the queue watch first saw it running: the
+    # job timeout is measured from it (job.started_at is wall clock, kept in the store)
+    started_mono: float | None = None
 
 
 class Runs:
