@@ -1,13 +1,16 @@
-"""Command-line helpers: `python -m comfy_courier submit …` and `python -m comfy_courier listen …`.
+"""Command-line helpers: `python custom_nodes/comfy-courier/cli.py COMMAND …` with ComfyUI's
+Python, or `comfy-courier COMMAND …` / `python -m comfy_courier COMMAND …` after a pip install.
 
 `submit` sends a workflow to a courier the way a web backend would (and can wait for the
 result), so a person can try a ComfyUI host without writing the backend first. `listen`
 is a local callback receiver that checks the key and Standard Webhooks signature exactly
 as the backend should, so a person can see what the courier sends before writing it.
+The operator's commands (`webhook-secret`, `bucket`, `redeliver`) live in admin.py.
 
 Importing this module starts nothing and reads no environment: both happen in `main()`.
-It needs no ComfyUI; `listen` (listener.py) needs aiohttp, always present beside ComfyUI,
-and is imported only when it runs so `submit` works without it.
+It needs no ComfyUI; `listen` (listener.py) needs aiohttp, always present beside ComfyUI
+(elsewhere: the `listen` extra), and is imported only when it runs so `submit` works
+without it. Run by its path, this file imports its own folder as the package (see the end).
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
-
-from .executor.intake import ID_PATTERN
 
 DEFAULT_URL = "http://127.0.0.1:8188"
 FINAL_STATES = ("success", "error")
@@ -121,6 +122,8 @@ async def run_submit(
     environ: Mapping[str, str] = os.environ,
 ) -> int:
     """POST the workflow; with --wait, poll until it is final. Returns the exit code."""
+    from .executor.intake import ID_PATTERN
+
     key = args.key or first_key(environ.get("COURIER_API_KEY"))
     if not key:
         raise UsageError("no API key: pass --key or set COURIER_API_KEY")
@@ -223,7 +226,13 @@ async def run_listen(
     environ: Mapping[str, str] = os.environ,
 ) -> int:
     """Serve until cancelled (Ctrl-C)."""
-    from .listener import serve_listener  # aiohttp: only this command needs it
+    try:
+        from .listener import serve_listener  # aiohttp: only this command needs it
+    except ImportError as e:
+        raise UsageError(
+            f"listen needs aiohttp ({e}): run it with ComfyUI's Python, which has it, or "
+            "install comfy-courier with its extra: pip install 'comfy-courier[listen]'"
+        ) from e
 
     keys = split_list(args.key if args.key is not None else environ.get("COURIER_CALLBACK_API_KEY"))
     secret_list = split_list(
@@ -252,10 +261,23 @@ async def run_listen(
 # -- entry point -----------------------------------------------------------------------
 
 
+def program_name(argv0: str | None = None) -> str:
+    """How the user ran us, for usage lines: the path to cli.py, -m, or the installed script."""
+    argv0 = argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")
+    if argv0.endswith("__main__.py"):
+        return "python -m comfy_courier"
+    if argv0.endswith(".py"):
+        return f"python {argv0}"
+    return Path(argv0).name or "comfy-courier"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import admin
+
     parser = argparse.ArgumentParser(
-        prog="python -m comfy_courier",
-        description="Helpers for comfy-courier: submit a workflow, or receive callbacks locally.",
+        prog=program_name(),
+        description="Helpers for comfy-courier: submit a workflow, receive callbacks locally, "
+        "make a webhook secret, set up the Supabase bucket, redeliver dead callbacks.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -266,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "success with --wait), 1 the job ended in error, 2 rejected or "
         "unreachable, 3 --timeout passed while waiting.",
     )
+    submit.set_defaults(run=run_submit)
     submit.add_argument(
         "workflow",
         metavar="WORKFLOW.json",
@@ -287,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A local callback receiver: point COURIER_CALLBACK_URL at it. It prints "
         "each request and answers 200, or 401 when a check fails.",
     )
+    listen.set_defaults(run=run_listen)
     listen.add_argument("--port", type=int, required=True, help="port to listen on")
     listen.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     listen.add_argument(
@@ -299,16 +323,38 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--accept-bad", action="store_true", help="answer 200 even when a check fails"
     )
+    admin.add_commands(commands, DEFAULT_URL)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    runner = run_submit if args.command == "submit" else run_listen
     try:
-        return asyncio.run(runner(args))
+        return int(asyncio.run(args.run(args)))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REJECTED
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "listen" else EXIT_INTERRUPTED
+
+
+def _main_from_folder() -> int:
+    """`python <ComfyUI>/custom_nodes/comfy-courier/cli.py …`: ComfyUI's Python, no install.
+
+    This folder is the package, but its name (`comfy-courier`, or whatever the clone is
+    called) is no module name, and nothing installed it as `comfy_courier`. Register the
+    folder under that name, without running its __init__ (which registers ComfyUI nodes;
+    journal_child.py imports the journal the same way), then run this file as part of it
+    so its relative imports work. An installed comfy_courier elsewhere is not used.
+    """
+    import importlib
+    import types
+
+    package = types.ModuleType("comfy_courier")
+    package.__path__ = [str(Path(__file__).resolve().parent)]
+    sys.modules["comfy_courier"] = package
+    return int(importlib.import_module("comfy_courier.cli").main())
+
+
+if __name__ == "__main__":
+    sys.exit(main() if __package__ else _main_from_folder())

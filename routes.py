@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .executor import redelivery
 from .executor.courier import Courier
 from .executor.errors import (
     CourierError,
@@ -31,6 +32,7 @@ from .executor.settings import Settings
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
+REDELIVER_BODY_LIMIT = 64 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -150,6 +152,17 @@ def add_routes(
         cid = _path_id(request)
         await until_ready(courier)
         return web.json_response(await courier.cancel(cid), status=202)
+
+    @routes.post("/courier/redeliver")
+    @guarded
+    async def redeliver(request: web.Request, courier: Courier) -> web.StreamResponse:
+        """Dead-lettered callbacks sent again under their webhook-id: one job's
+        (`{"content_request_id"}`) or every one dead since a time (`{"since"}`)."""
+        raw = await read_limited(request, REDELIVER_BODY_LIMIT)
+        cid, since = redelivery.parse_request(raw)
+        await until_ready(courier)
+        events = await courier.redeliver(content_request_id=cid, dead_since=since)
+        return web.json_response(redelivery.answer(events))
 
     @routes.get("/courier/metrics")
     async def metrics(request: web.Request) -> web.StreamResponse:

@@ -149,11 +149,37 @@ def setup() -> None:
         log.exception("[courier] disabled: set-up failed")
 
 
-def _start(courier: Courier) -> None:
-    task = asyncio.ensure_future(courier.start())
+STORAGE_CHECK_TIMEOUT = 30.0
 
-    def report(done: asyncio.Task[None]) -> None:
+
+async def check_storage(courier: Courier) -> list[str]:
+    """Check the storage backend once at start-up; its problems are config problems.
+
+    A missing Supabase bucket, a refused key, or a bucket whose visibility does not match
+    COURIER_URL_MODE (a private bucket in public mode turns every job into a `success`
+    whose URL answers 400) is logged as a `[courier] config:` line and counted in
+    /courier/health's `config_problems`. Jobs are still accepted: the log says what to fix.
+    """
+    check = getattr(courier.storage, "check", None)
+    if check is None:
+        return []
+    try:
+        problems: list[str] = await asyncio.wait_for(check(), STORAGE_CHECK_TIMEOUT)
+    except asyncio.TimeoutError:
+        problems = [f"storage check: no answer within {STORAGE_CHECK_TIMEOUT:g} s"]
+    except Exception as e:
+        log.exception("[courier] storage check failed")
+        problems = [f"storage check failed: {e!r}"]
+    for problem in problems:
+        log.warning("[courier] config: %s", problem)
+    courier.config_problems.extend(problems)
+    return problems
+
+
+def _start(courier: Courier) -> None:
+    def report(done: asyncio.Task[Any]) -> None:
         if not done.cancelled() and done.exception() is not None:
             log.error("[courier] start-up failed", exc_info=done.exception())
 
-    task.add_done_callback(report)
+    for start in (courier.start(), check_storage(courier)):
+        asyncio.ensure_future(start).add_done_callback(report)

@@ -69,7 +69,7 @@ class Cancellation:
             )
             return
         job.cancel_requested = True
-        await self.store.set_state(job.prompt_id, job.state, cancel_requested=1)
+        await self.store.set_state(job.prompt_id, job.state, epoch=job.epoch, cancel_requested=1)
         if not self.comfy.interrupt(job.prompt_id):
             log.warning(
                 "[courier] cancel id=%s: prompt not running, waiting", job.content_request_id

@@ -11,17 +11,20 @@ attributes, and nowhere else:
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
 import logging
 import re
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from .comfy_port import Completion, QueueSnapshot, SavedFile, Validation
+from .comfy_reports import explain_missing_nodes, relative_paths
 from .errors import UnsupportedComfyUI
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class ComfyAdapter:
         version: str | None = None,
         progress_hooks: Any = None,
         worker_name: str = "prompt_worker",  # main.py's thread: "Thread-N (prompt_worker)"
+        node_types: Callable[[], Collection[str]] | None = None,  # nodes.NODE_CLASS_MAPPINGS
     ) -> None:
         self.server = server
         self._progress_hooks = progress_hooks  # comfy.utils: PROGRESS_BAR_HOOK lives there
@@ -69,6 +73,7 @@ class ComfyAdapter:
         self._tls = tls
         self._worker_seen = False
         self._worker_name = worker_name
+        self._node_types = node_types
         validate = getattr(execution, "validate_prompt", None)
         if validate is None or not inspect.iscoroutinefunction(validate):
             raise UnsupportedComfyUI(
@@ -99,6 +104,8 @@ class ComfyAdapter:
             from comfyui_version import __version__ as version
         except ImportError:
             version = None
+        # ComfyUI's own top-level `nodes`; its mapping grows as custom nodes load
+        comfy_nodes = importlib.import_module("nodes")
         parsed = parse_version(version)
         if parsed is not None and parsed < MIN_VERSION:
             raise UnsupportedComfyUI(
@@ -115,6 +122,7 @@ class ComfyAdapter:
             tls=bool(getattr(args, "tls_keyfile", None)),
             version=version,
             progress_hooks=comfy.utils,
+            node_types=lambda: comfy_nodes.NODE_CLASS_MAPPINGS,
         )
 
     def _detect_queue_item_length(self) -> int:
@@ -156,6 +164,28 @@ class ComfyAdapter:
     def output_directory(self) -> Path:
         return Path(self.folder_paths.get_output_directory())
 
+    def host_directories(self) -> list[tuple[str, str]]:
+        """ComfyUI's own directories and what they become in messages leaving the host."""
+        fp = self.folder_paths
+        found: list[tuple[str, str]] = []
+        for label, get in (
+            ("output", "get_output_directory"),
+            ("input", "get_input_directory"),
+            ("temp", "get_temp_directory"),
+            ("user", "get_user_directory"),
+        ):
+            with contextlib.suppress(Exception):
+                found.append((str(getattr(fp, get)()), label))
+        # model folders, also those of extra_model_paths.yaml: checkpoints/x.safetensors
+        for name, entry in (getattr(fp, "folder_names_and_paths", None) or {}).items():
+            paths = entry[0] if isinstance(entry, (list, tuple)) and entry else ()
+            found += [(str(p), str(name)) for p in paths if isinstance(p, str)]
+        for attribute, label in (("models_dir", "models"), ("base_path", "")):
+            value = getattr(fp, attribute, None)
+            if isinstance(value, str):
+                found.append((value, label))
+        return found
+
     # -- submission ---------------------------------------------------------------------
 
     def apply_on_prompt_handlers(self, prompt: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +217,11 @@ class ComfyAdapter:
                 [],
                 {},
             )
+        if not ok:
+            known = self._node_types() if self._node_types is not None else None
+            explained = explain_missing_nodes(error, prompt, known)
+            if explained is not None:
+                error, node_errors = explained
         return Validation(bool(ok), error or None, list(outputs or []), dict(node_errors or {}))
 
     def enqueue(
@@ -355,7 +390,7 @@ class ComfyAdapter:
             item = queue.currently_running.get(item_id)
             if item is not None:
                 try:
-                    callback(_completion(item[1], history_result, status))
+                    callback(_completion(item[1], history_result, status, self._scrub))
                 except Exception:  # never break ComfyUI's worker
                     log.exception("[courier] completion hook failed")
             return original(item_id, history_result, status, *args, **kwargs)
@@ -363,6 +398,10 @@ class ComfyAdapter:
         task_done.__wrapped__ = original  # type: ignore[attr-defined]
         setattr(task_done, _WRAPPED, True)
         queue.task_done = task_done
+
+    def _scrub(self, text: str) -> str:
+        """ComfyUI's directories made relative: error messages go to callbacks and status."""
+        return relative_paths(text, self.host_directories())
 
     # -- nodes --------------------------------------------------------------------------
 
@@ -399,7 +438,9 @@ class ComfyAdapter:
         return files
 
 
-def _completion(prompt_id: str, history_result: Any, status: Any) -> Completion:
+def _completion(
+    prompt_id: str, history_result: Any, status: Any, scrub: Callable[[str], str] = str
+) -> Completion:
     outputs: Any = history_result
     if isinstance(history_result, dict) and "outputs" in history_result:
         outputs = history_result["outputs"]
@@ -409,4 +450,7 @@ def _completion(prompt_id: str, history_result: Any, status: Any) -> Completion:
         for m in (getattr(status, "messages", None) or [])
         if isinstance(m, (list, tuple)) and len(m) == 2
     ]
+    for _, data in messages:  # copies: ComfyUI's history keeps its own
+        if isinstance(data.get("exception_message"), str):
+            data["exception_message"] = scrub(data["exception_message"])
     return Completion(prompt_id, status_str, messages, dict(outputs or {}))

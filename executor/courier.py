@@ -4,7 +4,7 @@
             -> WorkerEvents -> Uploader -> Settler (final state + outbox event, one commit)
             -> Deliverer (the callback)
     beside it: QueueWatch (starts, timeouts, a dead worker), Cancellation, Recovery
-    (restarts, silent instances), Retention, Health.
+    (restarts, silent instances), Fencing (runs taken over elsewhere), Retention, Health.
 
 Everything here runs on ComfyUI's server loop. The store is the source of truth; `Runs`
 holds only the upload tasks and progress of jobs this process is running.
@@ -13,17 +13,19 @@ holds only the upload tasks and progress of jobs this process is running.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import intake
+from . import intake, redelivery
 from .admission import Admission
 from .cancellation import Cancellation
 from .comfy_port import ComfyPort
 from .comfy_queue import ComfyQueue
 from .delivery import Deliverer
+from .fencing import Fencing
 from .health import Health
 from .images import EncodedImage
 from .keyed_lock import KeyedLock
@@ -36,11 +38,13 @@ from .settle import Settler
 from .status import StatusReader
 from .status_updates import StatusNotifier
 from .storage import Storage
-from .store import Store
+from .store import OutboxEvent, Store
 from .tasks import Background
 from .uploads import Uploader
 from .watch import QueueWatch
 from .worker_events import WorkerEvents
+
+log = logging.getLogger(__name__)
 
 
 class Courier:
@@ -70,17 +74,22 @@ class Courier:
         if deliverer is not None:
             deliverer.on_outcome = lambda outcome: metrics.callback_attempts.labels(outcome).inc()
         self.ready = asyncio.Event()
+        self.twin = False  # another live process holds this instance name
+        # settings.problems, plus what start-up checks find (wiring.check_storage appends)
+        self.config_problems: list[str] = list(settings.problems)
         self.runs = runs = Runs()
         self.background = background = Background()
         id_locks = KeyedLock()
         self.queue = queue = ComfyQueue(comfy, runs, clock)
         self.status_reader = reader = StatusReader(settings, store, runs, queue)
         self.uploader = uploader = Uploader(
-            settings, store, storage, comfy, metrics, upload_schedule
+            settings, store, storage, comfy, metrics, upload_schedule, background
         )
+        self.fencing = fencing = Fencing(store, runs, comfy, instance, status)
         self.settler = settler = Settler(
-            settings, store, runs, uploader, clock, metrics, deliverer, status
-        )
+            settings, store, runs, uploader, clock, metrics, deliverer, status, background,
+            fencing,
+        )  # fmt: skip
         self.admission = Admission(
             settings, store, runs, queue, reader, settler, background, id_locks, instance,
             clock, metrics, status,
@@ -92,7 +101,7 @@ class Courier:
         self.watch = QueueWatch(settings, comfy, runs, settler, cancellation, clock, monotonic)
         self.recovery = Recovery(
             settings, store, runs, queue, uploader, settler, background, instance, clock,
-            deliverer, monotonic,
+            deliverer, fencing, monotonic,
         )  # fmt: skip
         self.retention = Retention(settings, store, clock, metrics)
         self.health_report = Health(settings, comfy, store, storage, runs, metrics, deliverer)
@@ -102,6 +111,16 @@ class Courier:
     async def start(self) -> None:
         """Recover what a previous process left, then watch the queue and deliver."""
         self.worker_events.listen(self.comfy, asyncio.get_running_loop())
+        if not await asyncio.to_thread(self.store.claim_instance, self.instance):
+            self.twin = True
+            log.critical(
+                "[courier] another live process runs as instance %r (COURIER_INSTANCE, or "
+                "equal hostname and port): this one recovers and adopts nothing; give each "
+                "ComfyUI process its own COURIER_INSTANCE",
+                self.instance,
+            )
+            self.recovery.enabled = False
+            self.config_problems.append(f"instance name {self.instance!r} is in use")
         await self.store.heartbeat(self.instance, self.clock())
         await self.recovery.adopt_orphans()
         await self.recovery.recover()
@@ -115,6 +134,7 @@ class Courier:
 
     async def stop(self) -> None:
         await self.background.stop()
+        self.store.release_instance()
         if self.deliverer is not None:
             await self.deliverer.close()
 
@@ -147,6 +167,19 @@ class Courier:
     async def cancel(self, content_request_id: str) -> dict[str, Any]:
         return await self.cancellation(content_request_id)
 
+    async def redeliver(
+        self, content_request_id: str | None = None, dead_since: float | None = None
+    ) -> list[OutboxEvent]:
+        """Dead-lettered callbacks back to the outbox, sent by this instance (redelivery.py)."""
+        return await redelivery.redeliver(
+            self.store,
+            self.deliverer,
+            self.instance,
+            self.clock(),
+            content_request_id=content_request_id,
+            dead_since=dead_since,
+        )
+
     def from_worker(self, callback: Callable[..., Any], *args: Any) -> None:
         self.worker_events.from_worker(callback, *args)
 
@@ -160,7 +193,7 @@ class Courier:
         self.worker_events.images_saved(prompt_id, node_id, content_request_id, images)
 
     async def health(self) -> dict[str, Any]:
-        return await self.health_report.report(self.ready.is_set())
+        return await self.health_report.report(self.ready.is_set(), self.config_problems, self.twin)
 
     async def metrics_text(self) -> bytes:
         return await self.health_report.metrics_text()

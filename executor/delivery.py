@@ -25,6 +25,7 @@ import aiohttp
 
 from .delivery_schedule import (
     DEFAULT_SCHEDULE,
+    GONE,
     STORE_RETRY,
     Delivered,
     Outcome,
@@ -43,7 +44,7 @@ from .store import OutboxEvent, Store
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_SCHEDULE", "Deliverer", "Delivered", "Permanent", "Retry", "classify",
+    "DEFAULT_SCHEDULE", "GONE", "Deliverer", "Delivered", "Permanent", "Retry", "classify",
     "parse_retry_after",
 ]  # fmt: skip
 
@@ -198,15 +199,12 @@ class Deliverer:
     async def dispatch_due(self, limit: int = 200) -> int:
         """Start sending every due event not already in flight; returns how many started."""
         wall, mono = self.clock(), self.monotonic()
-        for event_id, write in self._tracks.records_due(mono, self._in_flight):
-            self._spawn(event_id, self._rewrite(event_id, write))
         page = limit + len(self._tracks.held)
         events = await self._store.due_events(self._instance, wall, page)
-        started = sum(
-            self._start(event, check_current=True)
-            for event in events
-            if not self._tracks.waiting(event.event_id, mono)  # held here, with its own time
-        )
+        due = [e for e in events if not self._tracks.waiting(e.event_id, e.created_at, mono)]
+        for event_id, write in self._tracks.records_due(mono, self._in_flight):
+            self._spawn(event_id, self._rewrite(event_id, write))
+        started = sum(self._start(event, check_current=True) for event in due)
         if self._tracks.stepped_back(wall, mono, STEP_TOLERANCE) or mono >= self._next_sweep:
             self._next_sweep = mono + SWEEP_INTERVAL
             skip = self._in_flight | {event.event_id for event in events}
@@ -263,8 +261,9 @@ class Deliverer:
     # -- one try ----------------------------------------------------------------------------
 
     async def _deliver(self, event: OutboxEvent, check_current: bool) -> None:
-        age = max(0.0, self.clock() - event.created_at)
-        track = self._tracks.of(event.event_id, event.attempts, age, self.monotonic())
+        track = self._tracks.of(
+            event.event_id, event.attempts, event.created_at, self.clock(), self.monotonic()
+        )
         try:
             # A send that waits for a slot may be superseded meanwhile (a newer attempt of
             # its id accepted): then it is asked just before it would go out.

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 
 # In the spirit of Standard Webhooks: now, 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h,
 # then every 4 h until the retry horizon (COURIER_RETRY_HORIZON, a day by default).
+# Each wait varies by the deliverer's jitter (±10 %), so many hosts' retries spread out.
 DEFAULT_SCHEDULE: tuple[float, ...] = (0, 5, 30, 120, 600, 1800, 3600, 7200, 14400)
 # Tries of writing an outcome (delivered, dead letter) the store refused: while this
 # process lives, never giving up; the event is not sent again meanwhile.
@@ -54,7 +55,7 @@ class Permanent:
 
 
 Outcome = Delivered | Retry | Permanent
-RETRYABLE_4XX = {408, 425, 429}
+GONE = 410  # the one answer that stops retries: the receiver says the endpoint is gone
 
 
 def classify(
@@ -62,18 +63,22 @@ def classify(
 ) -> Outcome:
     """What a receiver's answer means: delivered, retry later, or never (dead letter).
 
-    Redirects are not followed (a POST's body and keys would go to another address) but
-    retried: the operator fixes COURIER_CALLBACK_URL and the kept events then arrive.
+    Every non-2xx answer is retried until the horizon, 4xx included: a receiver answering
+    401 because its key or secret is wrong is a mistake its operator can fix, and the
+    events it refused then arrive (Stripe and Svix retry every non-2xx too). Only 410 Gone
+    stops at once. Redirects are not followed (a POST's body and keys would go to another
+    address) but retried: the operator fixes COURIER_CALLBACK_URL and the kept events
+    then arrive.
     """
     if 200 <= code < 300:
         return Delivered(code)
     reason = f"HTTP {code}"
+    if code == GONE:
+        return Permanent(f"{reason} Gone: the receiver asked for no more deliveries")
     if 300 <= code < 400:
         reason += f" redirect to {location or '?'}"[:200]
         reason += "; set COURIER_CALLBACK_URL to the final address (redirects are not followed)"
-    if code in RETRYABLE_4XX or code >= 500 or code < 400:
-        return Retry(reason, parse_retry_after(retry_after, now))
-    return Permanent(reason)
+    return Retry(reason, parse_retry_after(retry_after, now))
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class Track:
     attempts: int  # tries made, counted even when the store did not record them
     seen_at: float  # monotonic time this process first tried it
     age_at_seen: float  # its age then, from the row's created_at (wall clock)
+    created_at: float  # the row's; another value means the row was renewed (redelivered)
     due: float = 0.0  # monotonic time of the next try this process scheduled
     next_at: float | None = None  # the row's next_attempt_at as this process last wrote it
     held: bool = False
@@ -154,17 +160,25 @@ class Tracks:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def of(self, event_id: str, attempts: int, age: float, mono: float) -> Track:
-        """The event's track, started now (aged `age`) if it has none."""
+    def of(
+        self, event_id: str, attempts: int, created_at: float, wall: float, mono: float
+    ) -> Track:
+        """The event's track, started now if it has none (or its row was renewed)."""
         track = self._by_id.get(event_id)
-        if track is None:
-            track = self._by_id[event_id] = Track(attempts, mono, age)
+        if track is None or track.created_at != created_at:
+            age = max(0.0, wall - created_at)
+            track = self._by_id[event_id] = Track(attempts, mono, age, created_at)
+            self.held.discard(event_id)
         track.attempts = max(track.attempts, attempts)
         return track
 
-    def waiting(self, event_id: str, mono: float) -> bool:
-        """Held, and not due yet by this process's clock (whatever its row says)."""
+    def waiting(self, event_id: str, created_at: float, mono: float) -> bool:
+        """Held, and not due yet by this process's clock (whatever its row says); a row
+        renewed since (an operator's redelivery) is not held: its old track is dropped."""
         track = self._by_id.get(event_id)
+        if track is not None and track.created_at != created_at:
+            self.forget(event_id)
+            return False
         return track is not None and track.held and mono < track.due
 
     def hold(self, event_id: str, write: Write, mono: float) -> None:

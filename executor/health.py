@@ -45,7 +45,7 @@ class Health:
             }
         )
 
-    async def report(self, ready: bool) -> dict[str, Any]:
+    async def report(self, ready: bool, problems: list[str], twin: bool = False) -> dict[str, Any]:
         snapshot = self.comfy.queue_snapshot()
         pending, dead = await self.store.outbox_backlog()
         return {
@@ -66,5 +66,6 @@ class Health:
             "journal": self.store.kind,
             "callback_configured": self.settings.callback_url is not None,
             "signed_callbacks": bool(self.settings.webhook_secrets),
-            "config_problems": len(self.settings.problems),
+            "config_problems": len(problems),
+            "instance_name_shared": twin,
         }

@@ -68,6 +68,9 @@ class Job:
     fingerprint: str  # sha256 of `workflow`: a retry with another workflow is a conflict
     state: JobState = JobState.QUEUED
     runs: int = 1  # how many times this attempt was put on ComfyUI's queue (restarts)
+    # The claim's fencing token: raised whenever a process takes the attempt over (a
+    # resubmission, an adoption); every write of a run must carry the current one.
+    epoch: int = 1
     error_type: ErrorType | None = None
     error_message: str | None = None
     node_id: str | None = None
@@ -105,6 +108,13 @@ class Job:
         if self.finished_at is not None:
             out["total_ms"] = round((self.finished_at - self.created_at) * 1000, 1)
         return out
+
+
+def object_key(job: Job, seq: int, extension: str) -> str:
+    """`<id>/<attempt>-<n>.<ext>`; a run after a takeover writes `<id>/<attempt>.<epoch>-<n>`,
+    so a fenced run's late uploads never overwrite what the current run delivers."""
+    run = f"{job.attempt}" if job.epoch == 1 else f"{job.attempt}.{job.epoch}"
+    return f"{job.content_request_id}/{run}-{seq}.{extension}"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from . import intake
 from .comfy_queue import ComfyQueue
 from .delivery import Deliverer
 from .errors import WorkflowRejected
+from .fencing import Fencing
 from .ids import uuid7
 from .jobs import ErrorType, Job, JobState
 from .runs import Run, Runs
@@ -27,8 +28,7 @@ from .uploads import Uploader
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 15.0
-STALE_AFTER = 90.0  # an instance silent this long has its work adopted by a live one
+HEARTBEAT_MAX = 5.0  # s between heartbeats at most (COURIER_TAKEOVER_AFTER / 4 if less)
 # Wall-clock time that passes between heartbeats differing this much from the monotonic
 # time that passed is a step of the clock (NTP slews far slower: 0.5 ms/s at most).
 CLOCK_STEP = 5.0
@@ -47,8 +47,10 @@ class Recovery:
         instance: str,
         clock: Callable[[], float],
         deliverer: Deliverer | None,
+        fencing: Fencing,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.fencing = fencing
         self.settings = settings
         self.store = store
         self.runs = runs
@@ -62,35 +64,43 @@ class Recovery:
         self.monotonic = monotonic
         # one recovery at a time: none queues a job twice
         self._recovering = asyncio.Lock()
+        # off while a live twin shares this instance name: its jobs look like ours
+        self.enabled = True
         self._last_beat: tuple[float, float] | None = None  # (wall, monotonic)
         self._adopt_after = -float("inf")  # monotonic: no adoption before (a clock step)
         self.beats = 0
 
+    @property
+    def heartbeat_interval(self) -> float:
+        return min(HEARTBEAT_MAX, self.settings.takeover_after / 4)
+
     async def keep_alive(self) -> None:
-        """Heartbeat this instance; adopt the work of instances that went silent."""
+        """Heartbeat this instance; stop runs another instance took over while this one
+        was silent; adopt the work of instances that went silent."""
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(self.heartbeat_interval)
             await self.beat()
 
     async def beat(self) -> None:
-        """One heartbeat; every fourth also adopts the work of silent instances."""
+        """One heartbeat, the fencing check, and the adoption of silent instances' work."""
         try:
             self._notice_clock_step()
             await self.store.heartbeat(self.instance, self.clock())
             self.beats += 1
-            if self.beats % 4 == 0 and await self.adopt_orphans():
+            await self.fencing.check()
+            if await self.adopt_orphans():
                 await self.recover()
         except Exception:
             log.exception("[courier] heartbeat failed")
 
     def _notice_clock_step(self) -> None:
-        """Pause adoption for STALE_AFTER after a step of this host's wall clock.
+        """Pause adoption for COURIER_TAKEOVER_AFTER after a step of this host's wall clock.
 
-        Heartbeats are wall-clock times compared across processes (and hosts): no
-        monotonic clock is shared by two processes or survives a reboot, so staleness
-        cannot be measured with one. What one can do is notice a step of the local clock:
-        right after a step forward every sibling's last beat looks old by the step, until
-        each has beaten again with the stepped clock (same host, same clock).
+        Heartbeats are wall-clock times compared between processes: no monotonic clock is
+        shared by two processes or survives a reboot, so silence cannot be measured with
+        one. What one can do is notice a step of the local clock: right after a step
+        forward every sibling's last beat looks old by the step, until each has beaten
+        again with the stepped clock (the instances of one journal share a host's clock).
         """
         wall, mono = self.clock(), self.monotonic()
         last, self._last_beat = self._last_beat, (wall, mono)
@@ -98,18 +108,21 @@ class Recovery:
             return
         step = (wall - last[0]) - (mono - last[1])
         if abs(step) > CLOCK_STEP:
-            self._adopt_after = mono + STALE_AFTER
+            pause = self.settings.takeover_after
+            self._adopt_after = mono + pause
             log.warning(
                 "[courier] the wall clock stepped %+.0f s; no adoption of silent instances "
                 "for %.0f s while the others' heartbeats catch up",
                 step,
-                STALE_AFTER,
+                pause,
             )
 
     async def adopt_orphans(self) -> list[str]:
-        if self.monotonic() < self._adopt_after:
+        if not self.enabled or self.monotonic() < self._adopt_after:
             return []
-        adopted = await self.store.adopt_stale(self.instance, self.clock(), STALE_AFTER)
+        adopted = await self.store.adopt_stale(
+            self.instance, self.clock(), self.settings.takeover_after
+        )
         for name in adopted:
             log.warning("[courier] adopted the unfinished work of silent instance %s", name)
         if adopted and self.deliverer is not None:
@@ -122,6 +135,8 @@ class Recovery:
         One at a time, since a job being resubmitted is not in `runs` under its old
         prompt_id.
         """
+        if not self.enabled:
+            return
         async with self._recovering:
             for job in await self.store.unfinished(self.instance):
                 if job.prompt_id in self.runs:
@@ -134,7 +149,7 @@ class Recovery:
     async def _recover(self, job: Job) -> None:
         workflow = json.loads(job.workflow)
         run = Run(job, intake.uses_courier_node(workflow), completed=True)
-        if job.state is JobState.UPLOADING and await self.uploader.resume(run):
+        if job.state is JobState.UPLOADING and await self._reclaim(run):
             self.runs.add(run)
             log.info(
                 "[courier] recovered uploads id=%s attempt=%s", job.content_request_id, job.attempt
@@ -169,8 +184,10 @@ class Recovery:
                 f"resubmission after a restart failed validation: {e.message}",
             )
             return
-        if not await self.store.resubmitted(old_prompt_id, job.prompt_id, self.clock()):
+        epoch = await self.store.resubmitted(old_prompt_id, job.prompt_id, self.clock())
+        if epoch is None:
             return  # it ended while this recovery worked through its list
+        job.epoch = epoch
         job.runs += 1
         job.state = JobState.QUEUED
         job.started_at = job.executed_at = None
@@ -182,6 +199,15 @@ class Recovery:
             job.prompt_id,
             job.runs,
         )
+
+    async def _reclaim(self, run: Run) -> bool:
+        """Resume a run's uploads here, under a new epoch; False to run it again instead."""
+        job = run.job
+        epoch = await self.store.reclaim(job.prompt_id, job.epoch)
+        if epoch is None:
+            return False
+        job.epoch = epoch
+        return await self.uploader.resume(run)
 
     async def _end(self, run: Run, error_type: ErrorType, message: str) -> None:
         self.runs.add(run)

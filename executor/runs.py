@@ -11,6 +11,7 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .jobs import Job, Output
 
@@ -25,6 +26,7 @@ class Run:
     next_seq: int = 1
     completed: bool = False
     progress: float | None = None  # of the running sampler, from ComfyUI's progress bars
+    files: list[Path] = field(default_factory=list)  # what it wrote to ComfyUI's output folder
     # monotonic time its execution started, as the queue watch first saw it running: the
     # job timeout is measured from it (job.started_at is wall clock, kept in the store)
     started_mono: float | None = None

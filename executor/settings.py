@@ -49,8 +49,10 @@ class Settings:
     retry_horizon: float = 86400.0
     retention_days: float = 30.0  # 0: keep finished jobs forever
     max_attempts: int = 2
+    takeover_after: float = 30.0  # s of heartbeat silence before a sibling takes jobs over
     progress_interval: float = 1.0
     keep_metadata: bool = False
+    keep_outputs: bool = False  # keep a job's files in ComfyUI's output folder (remote storage)
     problems: tuple[str, ...] = ()
 
     @property
@@ -130,6 +132,10 @@ class Settings:
         elif url_mode_raw != "public":
             problems.append(f"COURIER_URL_MODE={url_mode_raw!r} is not public or signed")
 
+        keep_outputs_raw = (text("COURIER_KEEP_OUTPUTS") or "0").lower()
+        if keep_outputs_raw not in _TRUE | _FALSE:
+            problems.append(f"COURIER_KEEP_OUTPUTS={keep_outputs_raw!r} is not 0 or 1; using 0")
+
         keep_raw = (text("COURIER_KEEP_METADATA") or "0").lower()
         if keep_raw not in _TRUE | _FALSE:
             problems.append(f"COURIER_KEEP_METADATA={keep_raw!r} is not 0 or 1; using 0")
@@ -169,8 +175,10 @@ class Settings:
             retry_horizon=number("COURIER_RETRY_HORIZON", 86400, 0),
             retention_days=number("COURIER_RETENTION_DAYS", 30, 0),
             max_attempts=int(number("COURIER_MAX_ATTEMPTS", 2, 1, integer=True)),
+            takeover_after=number("COURIER_TAKEOVER_AFTER", 30, 1),
             progress_interval=number("COURIER_PROGRESS_INTERVAL", 1, 0),
             keep_metadata=keep_raw in _TRUE,
+            keep_outputs=keep_outputs_raw in _TRUE,
             problems=tuple(problems),
         )
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 from .comfy_port import Completion
 from .delivery import Deliverer
 from .errors import StorageError, StoreError
+from .fencing import Fencing
 from .ids import uuid7
 from .jobs import ErrorType, Job, JobState, Output, callback_body
 from .metrics import Metrics
@@ -22,11 +23,13 @@ from .runs import Run, Runs
 from .settings import Settings
 from .status_updates import StatusNotifier
 from .store import OutboxEvent, Store
+from .tasks import Background
 from .uploads import Uploader
 
 log = logging.getLogger(__name__)
 
-JOURNAL_RETRY = (0.1, 0.5, 2.0, 5.0)  # waits between tries of a final-state write
+JOURNAL_RETRY = (0.1, 0.5, 2.0, 5.0)  # waits between the first tries of a final-state write
+STUCK_RETRY_MAX = 10.0  # then a try at least this often, for as long as the process lives
 
 
 class Settler:
@@ -40,7 +43,11 @@ class Settler:
         metrics: Metrics,
         deliverer: Deliverer | None,
         status_updates: StatusNotifier | None,
+        background: Background,
+        fencing: Fencing,
     ) -> None:
+        self.background = background
+        self.fencing = fencing
         self.settings = settings
         self.store = store
         self.runs = runs
@@ -58,7 +65,11 @@ class Settler:
         job.started_at = started_at or self.clock()
         if self.status_updates is not None:
             self.status_updates.update(job, "running", 0.0)
-        await self.store.set_state(job.prompt_id, JobState.RUNNING, started_at=job.started_at)
+        if not await self.store.set_state(
+            job.prompt_id, JobState.RUNNING, epoch=job.epoch, started_at=job.started_at
+        ):
+            self.fencing.stop(job.prompt_id, "the store refused its start")
+            return
         log.debug("[courier] running id=%s prompt=%s", job.content_request_id, job.prompt_id)
 
     # -- ComfyUI reported the prompt's end ----------------------------------------------
@@ -70,10 +81,6 @@ class Settler:
             job.started_at = job.executed_at
         try:
             await self._settle(run, completion)
-        except StoreError:
-            # the journal is failing: leave the job unfinished for the next start-up rather
-            # than report an outcome it did not have
-            log.exception("[courier] journal failed while finishing id=%s", job.content_request_id)
         except Exception as e:  # whatever else breaks, the job still ends with one callback
             log.exception("[courier] finishing id=%s failed", job.content_request_id)
             await self.finish(run, ErrorType.EXECUTION, f"comfy-courier failed: {e!r}"[:500])
@@ -96,13 +103,25 @@ class Settler:
             return
         if not run.uses_node:
             await self.uploader.collect_saved_files(run, completion)
-        await self.store.set_state(
-            job.prompt_id,
-            JobState.UPLOADING,
-            executed_at=job.executed_at,
-            started_at=job.started_at,
-            expected_images=len(run.uploads),
-        )
+        try:
+            if not await self.store.set_state(
+                job.prompt_id,
+                JobState.UPLOADING,
+                epoch=job.epoch,
+                executed_at=job.executed_at,
+                started_at=job.started_at,
+                expected_images=len(run.uploads),
+            ):
+                self.fencing.stop(job.prompt_id, "the store refused its end")
+                return
+        except StoreError as e:
+            # Only crash recovery reads it (to resume uploads): without it a crash re-runs
+            # the prompt instead. The uploads and the final write go on.
+            log.error(
+                "[courier] could not record id=%s as uploading (%s); going on",
+                job.content_request_id,
+                e,
+            )
         job.state = JobState.UPLOADING
         log.debug(
             "[courier] uploading id=%s prompt=%s images=%d",
@@ -143,9 +162,10 @@ class Settler:
     ) -> bool:
         """Commit the final state and its callback event, once. False if already final.
 
-        The journal gets a snapshot; the live job changes only once the commit is done.
-        A journal that keeps failing leaves the job unfinished in memory and on disk: the
-        next start-up recovers it, so it is never reported with a made-up outcome.
+        The store gets a snapshot; the live job changes only once the commit is done. A
+        store that keeps failing is tried again in the background for as long as this
+        process lives (the callback follows within seconds of the store coming back); the
+        job is never reported with a made-up outcome.
         """
         run.completed = True
         ordered = sorted(outputs or [], key=lambda o: (_node_order(o.node_id), o.index))
@@ -172,36 +192,60 @@ class Settler:
             )
         if self.status_updates is not None:
             self.status_updates.close(final)  # nothing intermediate after the final event
-        finished = await self._commit_final(final, event)
-        if finished is None:
-            return False
+        for delay in (*JOURNAL_RETRY, None):
+            try:
+                return self._finished(run, final, event, await self.store.finish(final, event))
+            except StoreError as e:
+                if delay is None:
+                    # Never given up while this process lives: the run keeps its place
+                    # under COURIER_MAX_QUEUE until its end is written.
+                    self.background.spawn(self._finish_when_writable(run, final, event, e))
+                    return False
+                log.error("[courier] journal write failed (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+        return False
+
+    async def _finish_when_writable(
+        self, run: Run, final: Job, event: OutboxEvent | None, error: StoreError
+    ) -> None:
+        delay = JOURNAL_RETRY[-1]
+        while True:
+            log.error(
+                "[courier] cannot record the end of id=%s attempt=%s (%s); trying again in %.0f s",
+                final.content_request_id,
+                final.attempt,
+                error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STUCK_RETRY_MAX)
+            try:
+                finished = await self.store.finish(final, event)
+            except StoreError as e:
+                error = e
+                continue
+            self._finished(run, final, event, finished)
+            return
+
+    def _finished(self, run: Run, final: Job, event: OutboxEvent | None, written: bool) -> bool:
+        """After the final write's answer: free the run's place, report and deliver once."""
         self.runs.pop(final.prompt_id)
         run.job = final
-        if not finished:
+        if not written:  # another path finished it first, or another process took it over
+            log.info(
+                "[courier] id=%s attempt=%s epoch=%s: not recorded as %s; it ended already "
+                "or another instance took it over",
+                final.content_request_id,
+                final.attempt,
+                final.epoch,
+                final.state.value,
+            )
             return False
+        self.uploader.discard_files(run)  # its final event is committed: not needed again
         self._report_final(final)
         if event is not None and self.deliverer is not None:
             self.deliverer.deliver_now(event)
         return True
-
-    async def _commit_final(self, final: Job, event: OutboxEvent | None) -> bool | None:
-        """Store.finish with retries; None when the journal stays unwritable."""
-        for delay in (*JOURNAL_RETRY, None):
-            try:
-                return await self.store.finish(final, event)
-            except StoreError as e:
-                if delay is None:
-                    log.critical(
-                        "[courier] cannot record the end of id=%s attempt=%s (%s); it will be "
-                        "recovered at the next start",
-                        final.content_request_id,
-                        final.attempt,
-                        e,
-                    )
-                    return None
-                log.error("[courier] journal write failed (%s); retrying in %.1f s", e, delay)
-                await asyncio.sleep(delay)
-        return None
 
     def _report_final(self, job: Job) -> None:
         if job.started_at is not None and job.finished_at is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from .jobs import Job
+from .quiet_http import QuietAsyncClient
 from .signing import signature_headers
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class StatusNotifier:
             headers["X-API-Key"] = self._api_key
         headers.update(signature_headers(f"msg_{uuid.uuid4().hex}", data, self._secrets))
         if self._client is None:
-            self._client = httpx.AsyncClient(follow_redirects=False, timeout=self._timeout)
+            self._client = QuietAsyncClient(follow_redirects=False, timeout=self._timeout)
         try:
             response = await self._client.post(self._url, content=data, headers=headers)
             if response.status_code >= 300:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,17 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from .comfy_port import ComfyPort, Completion
 from .errors import StorageError
 from .images import EncodedImage, sanitize_file
-from .jobs import Job, Output
+from .jobs import Job, Output, object_key
 from .metrics import Metrics
 from .runs import Run
 from .settings import Settings
 from .storage import Storage
 from .store import Store
+from .tasks import Background
 
 log = logging.getLogger(__name__)
+
+RECORD_RETRY = (0.05, 0.2, 1.0)  # waits between tries of an image row
 
 
 def _retryable(error: BaseException) -> bool:
@@ -52,6 +55,10 @@ async def upload_with_retry(
     raise AssertionError("unreachable: tenacity either returns or raises")
 
 
+class Fenced(Exception):
+    """The store refused an image row: another process took the run over."""
+
+
 class Uploader:
     def __init__(
         self,
@@ -61,7 +68,9 @@ class Uploader:
         comfy: ComfyPort,
         metrics: Metrics,
         schedule: tuple[float, ...],
+        background: Background,
     ) -> None:
+        self.background = background
         self.settings = settings
         self.store = store
         self.storage = storage
@@ -82,32 +91,88 @@ class Uploader:
         seq = run.next_seq
         run.next_seq += 1
         job = run.job
+        if path is not None:
+            run.files.append(path)
         output = Output(
             node_id=node_id,
             index=index,
-            key=f"{job.content_request_id}/{job.attempt}-{seq}.{image.extension}",
+            key=object_key(job, seq, image.extension),
             content_type=image.content_type,
             bytes=len(data),
             width=image.width,
             height=image.height,
             path=str(path) if path else None,
         )
+        served = self.storage.url_of_file(path) if run.uses_node and path else None
+        if served is not None:  # the node's own file, as it is: nothing to copy
+            run.uploads.append(asyncio.ensure_future(self._serve(job, seq, output, served)))
+            return
         run.uploads.append(asyncio.ensure_future(self._upload(job, seq, output, data)))
+
+    async def _serve(self, job: Job, seq: int, output: Output, url: str) -> Output:
+        stored = replace(output, url=url)
+        if not await self._record(job, seq, stored):
+            raise Fenced(f"another instance took over id={job.content_request_id}")
+        return stored
+
+    def discard_files(self, run: Run) -> None:
+        """Remove a finished courier job's files from ComfyUI's output folder.
+
+        Only with remote storage (local storage serves them) and unless
+        COURIER_KEEP_OUTPUTS=1: without it, every job leaves its images on the host for
+        good. Runs from ComfyUI's UI keep theirs, as SaveImage does.
+        """
+        if self.storage.kind == "local" or self.settings.keep_outputs or not run.files:
+            return
+        self.background.spawn(asyncio.to_thread(_remove, list(run.files)))
 
     async def _upload(self, job: Job, seq: int, output: Output, data: bytes) -> Output:
         # The image's row is queued in the store first, so it commits before the job's
         # later writes (uploading, final): a crash still finds it. The upload need not
         # wait for that commit.
-        recorded = self.store.record_image(job, seq, output)
+        recorded = asyncio.ensure_future(self._record(job, seq, output))  # queued now
         try:
             url = await self.put(output.key, data, output.content_type)
         finally:
-            await recorded
+            current = await recorded
+        if not current:
+            raise Fenced(f"another instance took over id={job.content_request_id}")
         stored = replace(output, url=url)
         # Not awaited: queued now, it commits before the job's final write, which is
         # queued later. The callback leaves one journal trip sooner.
-        self.store.record_image(job, seq, stored).add_done_callback(_log_failure)
+        self.background.spawn(self._record(job, seq, stored))  # queued now
         return stored
+
+    def _record(self, job: Job, seq: int, output: Output) -> Coroutine[Any, Any, bool]:
+        """Record an image row, retried: it is what crash recovery resumes uploads from.
+
+        The first try is queued in the store at once, so it keeps its place before the
+        job's later writes. Never fails the job: an image in storage is delivered even if
+        its row could not be written (a crash before the job's end then runs the prompt
+        again instead of resuming its uploads).
+        """
+        return self._retry_record(job, seq, output, self.store.record_image(job, seq, output))
+
+    async def _retry_record(
+        self, job: Job, seq: int, output: Output, first: Awaitable[bool]
+    ) -> bool:
+        """True unless the store refused the row: the run was taken over (fenced)."""
+        attempt = first
+        for delay in (*RECORD_RETRY, None):
+            try:
+                return await attempt
+            except Exception as e:  # the store's error, or the runner's (sqlite3)
+                if delay is None:
+                    log.error(
+                        "[courier] could not record image %s of id=%s (%s); going on",
+                        output.key,
+                        job.content_request_id,
+                        e,
+                    )
+                    return True
+                await asyncio.sleep(delay)
+                attempt = self.store.record_image(job, seq, output)
+        return True
 
     async def put(self, key: str, data: bytes, content_type: str) -> str:
         started = time.perf_counter()
@@ -175,7 +240,9 @@ class Uploader:
                 data = (
                     await asyncio.to_thread(sanitize_file, data, self.settings.keep_metadata)
                 ).data
-            pending.append((seq, output, data))
+            # under the run's new epoch: never the key a stalled owner may still write
+            extension = output.key.rpartition(".")[2]
+            pending.append((seq, replace(output, key=object_key(job, seq, extension)), data))
         for _, output in recorded:
             if output.url:  # stored before the restart: not uploaded again
                 done: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
@@ -186,6 +253,9 @@ class Uploader:
         return True
 
 
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("[courier] journal write failed", exc_info=future.exception())
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("[courier] could not remove %s: %s", path.name, e)

@@ -207,6 +207,15 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
                                        journal_thread=journal_thread)
         wiring._runtime = wiring.Runtime(settings, adapter, courier, loop)
         add_routes(comfy.routes, lambda: courier, settings)
+        # In these tests comfy.stop() stands for the process dying: the kernel would then
+        # release its instance lock (store.claim_instance), so a restart recovers its work.
+        stop_comfy = comfy.stop
+
+        def die() -> None:
+            stop_comfy()
+            courier.store.release_instance()
+
+        comfy.stop = die  # type: ignore[method-assign]
         client = TestClient(TestServer(comfy.make_app(), host="127.0.0.1"))
         await client.start_server()
         if start_worker:

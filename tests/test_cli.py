@@ -15,6 +15,7 @@ import pytest
 
 from comfy_courier import cli
 from comfy_courier import listener as receiver
+from comfy_courier.executor.intake import ID_PATTERN
 from comfy_courier.executor.signing import signature_headers
 
 from conftest import API_KEY, CALLBACK_KEY, WEBHOOK_SECRET, model_free
@@ -107,7 +108,7 @@ async def test_generated_id_and_key_from_environment(make_harness, tmp_path):
     )
     assert run.code == cli.EXIT_OK, run.out
     cid = json.loads(run.out)["content_request_id"]
-    assert cid.startswith("cli-") and cli.ID_PATTERN.fullmatch(cid)
+    assert cid.startswith("cli-") and ID_PATTERN.fullmatch(cid)
     assert (await h.status(cid))["state"] == "queued"
 
 

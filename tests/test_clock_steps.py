@@ -47,7 +47,7 @@ async def test_a_wall_clock_step_forward_pauses_adoption_of_siblings_that_look_s
         await real_heartbeat(instance, now)
 
     monkeypatch.setattr(live.courier.store, "heartbeat", heartbeat)
-    monkeypatch.setattr(recovery_module, "HEARTBEAT_INTERVAL", 0.001)
+    monkeypatch.setattr(recovery_module, "HEARTBEAT_MAX", 0.001)
 
     def owner() -> str:
         journal = Journal(live.settings.db_path)
@@ -64,12 +64,12 @@ async def test_a_wall_clock_step_forward_pauses_adoption_of_siblings_that_look_s
     try:
         await until_beats(1)
         wall[0] += 3600  # the host's clock steps an hour ahead
-        await until_beats(9)  # adoption was looked at twice (every fourth beat)
+        await until_beats(9)  # adoption was looked at on every beat
         assert owner() == sibling.courier.instance
-        # the pause ends STALE_AFTER later by the monotonic clock: a sibling that still
-        # has not beaten by then (this one's clock was not stepped) is adopted
-        wall[0] += recovery_module.STALE_AFTER + 1
-        mono[0] += recovery_module.STALE_AFTER + 1
+        # the pause ends COURIER_TAKEOVER_AFTER later by the monotonic clock: a sibling
+        # that still has not beaten by then (this one's clock was not stepped) is adopted
+        wall[0] += live.settings.takeover_after + 1
+        mono[0] += live.settings.takeover_after + 1
         await until_beats(17)
         assert owner() == live.courier.instance
     finally:

@@ -20,10 +20,11 @@ from comfy_courier.executor.store.sqlite.thread import JournalThread
 
 
 @pytest.mark.parametrize("status, kind", [(200, Delivered), (204, Delivered), (301, Retry),
-                                          (400, Permanent), (401, Permanent), (410, Permanent),
-                                          (408, Retry), (425, Retry), (429, Retry), (500, Retry),
-                                          (503, Retry)])
+                                          (400, Retry), (401, Retry), (403, Retry), (404, Retry),
+                                          (410, Permanent), (408, Retry), (422, Retry),
+                                          (425, Retry), (429, Retry), (500, Retry), (503, Retry)])
 def test_classify(status, kind):
+    """Every non-2xx is retried (a wrong key at the receiver is fixable); 410 Gone stops."""
     assert isinstance(classify(status, None, 0.0), kind)
 
 

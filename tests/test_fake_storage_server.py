@@ -250,6 +250,12 @@ async def test_bucket_api_and_remove(state: FakeStorage, client: AsyncClient) ->
     with pytest.raises(StorageApiError) as info:
         await storage.get_bucket("nope")
     assert info.value.status == "404"
+    assert await storage.update_bucket("new", {"public": False}) == {
+        "message": "Successfully updated"}
+    assert (await storage.get_bucket("new")).public is False
+    with pytest.raises(StorageApiError) as info:
+        await storage.update_bucket("nope", {"public": True})
+    assert info.value.status == "404"
 
     await storage.from_("new").upload("a.png", PNG, IMAGE)
     removed = await storage.from_("new").remove(["a.png", "never.png"])

@@ -63,17 +63,18 @@ async def test_receiver_slower_than_the_attempt_timeout_gets_a_retry(make_harnes
     assert (await h.status("slow1"))["callback"]["state"] == "delivered"
 
 
-async def test_receiver_400_is_dead_after_one_try_and_other_jobs_still_deliver(make_harness,
-                                                                              receiver):
+async def test_receiver_401_is_retried_until_fixed_and_other_jobs_still_deliver(make_harness,
+                                                                                receiver):
+    # a wrong key at the receiver: its operator fixes it, and the refused event arrives
     h = await make_harness()
-    receiver.script = [(400, {}, 0.0)]
+    receiver.script = [(401, {}, 0.0), (400, {}, 0.0)]
     await h.post(model_free(), "bad1")
-    await receiver.wait_for(1)
-    await h.settle()
-    await h.post(model_free(), "good1")
     await receiver.wait_for(2)
+    await h.post(model_free(), "good1")
+    await receiver.wait_for(4)
     await h.settle()
-    assert (await h.status("bad1"))["callback"]["state"] == "dead"
+    assert (await h.status("bad1"))["callback"] == {"state": "delivered", "attempts": 3,
+                                                     "last_error": None}
     assert (await h.status("good1"))["callback"]["state"] == "delivered"
     assert_one_event_each(receiver, [("bad1", 1), ("good1", 1)])
 

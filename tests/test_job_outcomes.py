@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -51,8 +52,10 @@ async def test_success_callback_shape_on_both_queue_shapes(make_harness, tmp_pat
     assert body["image_urls"] == [body["image_url"]]
     assert body["attempt"] == 1 and body["prompt_id"] == accepted["prompt_id"]
     assert body["outputs"][0]["width"] == 64 and body["outputs"][0]["height"] == 48
-    stored = tmp_path / "comfy" / "output" / "courier" / "ok1" / "1-1.jpg"
-    assert stored.exists()
+    # local storage serves the node's own file through /view: no copy under courier/
+    query = parse_qs(urlsplit(body["image_url"]).query)
+    stored = tmp_path / "comfy" / "output" / query["subfolder"][0] / query["filename"][0]
+    assert stored.exists() and not (tmp_path / "comfy" / "output" / "courier").exists()
     assert image_metadata(stored.read_bytes()) == {}
     assert h.comfy.worker_alive, "the queue item shape must not kill ComfyUI's worker"
     history = h.comfy.prompt_queue.get_history(accepted["prompt_id"])[accepted["prompt_id"]]
@@ -75,7 +78,8 @@ async def test_execution_error_is_one_error_callback_with_node(make_harness):
 
 async def test_saveimage_workflow_delivers_stripped_images(make_harness, storage_server):
     h = await make_harness(env={"SUPABASE_URL": storage_server.url,
-                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+                                "COURIER_KEEP_OUTPUTS": "1"})  # to read SaveImage's own file
     workflow = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 2}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "s"}},
@@ -382,6 +386,7 @@ def test_job_prefix_puts_the_id_folder_before_the_file_name():
 
     assert job_prefix("social", "abc") == os.path.join("abc", "social")
     assert job_prefix("a/b/social", "abc") == os.path.join("a", "b", "abc", "social")
-    assert job_prefix("social", "nul") == os.path.join("nul_", "social")  # Windows: no NUL/
-    assert job_prefix("social", "COM1") == os.path.join("COM1_", "social")
-    assert job_prefix("social", "lpt0") == os.path.join("lpt0_", "social")  # Windows 11
+    assert job_prefix("social", "nul") == os.path.join("nul_.r", "social")  # Windows: no NUL/
+    assert job_prefix("social", "COM1") == os.path.join("com1_.r7", "social")
+    assert job_prefix("social", "lpt0") == os.path.join("lpt0_.r", "social")  # Windows 11
+    assert job_prefix("social", "Job1") != job_prefix("social", "job1")  # on any disk

@@ -393,11 +393,11 @@ def test_a_job_that_ended_is_not_resubmitted(journal):
     journal.insert(job)
     job.state, job.finished_at = JobState.SUCCESS, 3.0
     journal.finish(job, event())
-    assert journal.resubmitted("p1", "p1-again", 4.0) is False
+    assert journal.resubmitted("p1", "p1-again", 4.0) is None
     latest = journal.latest("j1")
     assert latest.state is JobState.SUCCESS and latest.prompt_id == "p1" and latest.runs == 1
     journal.insert(make_job(cid="j2", prompt_id="p2"))
-    assert journal.resubmitted("p2", "p2-again", 4.0) is True
+    assert journal.resubmitted("p2", "p2-again", 4.0) == 2  # the claim's new epoch
     assert journal.latest("j2").prompt_id == "p2-again" and journal.latest("j2").runs == 2
 
 

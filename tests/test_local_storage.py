@@ -62,12 +62,16 @@ def test_keys_outside_the_folder_are_refused():
             local_path(key)
 
 
+@pytest.mark.parametrize("output_node", ["SaveAndCallback", "SaveImage"])
 async def test_ids_differing_in_case_or_naming_a_device_get_files_of_their_own(
-        make_harness, receiver):
+        make_harness, receiver, output_node):
+    # SaveAndCallback's own file is what local storage serves; SaveImage's is copied
+    # under courier/ (stripped of its metadata): both are named by the id
     h = await make_harness()
     ids = ["Job1", "job1", "CON", "nul", "COM1", "Lpt9"]
     for n, cid in enumerate(ids):
         workflow = model_free()
+        workflow["2"]["class_type"] = output_node
         workflow["1"]["inputs"]["color"] = 0x111111 * (n + 1)  # a picture of its own
         assert (await h.post(workflow, cid))[0] == 202
     files: dict[str, Path] = {}

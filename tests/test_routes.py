@@ -253,6 +253,7 @@ async def test_health_has_no_secrets(make_harness):
     text = json.dumps(body)
     for secret in h.settings.secrets:
         assert secret not in text
+    assert h.courier.instance not in text  # SECURITY.md: no host or instance names
 
 
 async def test_per_id_locks_do_not_accumulate(make_harness):

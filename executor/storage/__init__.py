@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 
@@ -15,3 +16,8 @@ class Storage(Protocol):
     kind: str
 
     async def put(self, key: str, data: bytes, content_type: str) -> str: ...
+
+    def url_of_file(self, path: Path) -> str | None:
+        """A URL for a file ComfyUI already wrote, where this storage can serve it as it
+        is (local storage: the node's own file through /view); None to upload a copy."""
+        ...

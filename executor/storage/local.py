@@ -77,8 +77,21 @@ class LocalStorage:
     kind = "local"
 
     def __init__(self, output_dir: Path, base_url: Callable[[], str]) -> None:
-        self._root = Path(output_dir) / SUBFOLDER
+        self._output = Path(output_dir)
+        self._root = self._output / SUBFOLDER
         self._base_url = base_url
+
+    def url_of_file(self, path: Path) -> str | None:
+        """The node's own file, served as it is: no second copy under courier/."""
+        try:
+            relative = PurePosixPath(Path(path).resolve().relative_to(self._output.resolve()))
+        except ValueError:
+            return None  # not in ComfyUI's output folder
+        return self._view_url(relative.name, "/".join(relative.parts[:-1]))
+
+    def _view_url(self, filename: str, subfolder: str) -> str:
+        query = urlencode({"filename": filename, "subfolder": subfolder, "type": "output"})
+        return f"{self._base_url()}/view?{query}"
 
     async def put(self, key: str, data: bytes, content_type: str) -> str:
         relative = local_path(key)
@@ -87,9 +100,7 @@ class LocalStorage:
             await asyncio.to_thread(_write_atomically, target, data)
         except OSError as e:
             raise StorageError(f"could not write {target.name}: {e.strerror or e}", True) from e
-        subfolder = "/".join((SUBFOLDER, *relative.parts[:-1]))
-        query = urlencode({"filename": relative.name, "subfolder": subfolder, "type": "output"})
-        return f"{self._base_url()}/view?{query}"
+        return self._view_url(relative.name, "/".join((SUBFOLDER, *relative.parts[:-1])))
 
 
 def _write_atomically(target: Path, data: bytes) -> None:

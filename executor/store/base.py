@@ -11,6 +11,8 @@ more module implementing the same methods with the same guarantees:
 - writes are applied in the order they were called from the loop: `record_image` is
   queued at once and commits before any write called after it (a job's `finish` never
   overtakes its image rows);
+- a run's writes carry its claim's `epoch` (the fencing token): a run another process
+  has taken over can change nothing (its writes answer False);
 - a failed call raises `StoreError` (it may or may not have been written), except
   `DuplicateAttempt` for an attempt that exists already.
 """
@@ -56,6 +58,14 @@ class Store(Protocol):
     """Told after any call failed (written or not): the deliverer reads the outbox again
     soon, since what such a call committed may be due and nothing else will say so."""
 
+    def claim_instance(self, name: str) -> bool:
+        """Hold the instance name for this process's life; False if a live one holds it."""
+        ...
+
+    def release_instance(self) -> None:
+        """Let another process take the name (this one stops courier work)."""
+        ...
+
     # -- jobs ---------------------------------------------------------------------------
 
     async def admit(
@@ -75,24 +85,39 @@ class Store(Protocol):
 
     async def unfinished(self, instance: str) -> list[Job]: ...
 
-    async def set_state(self, prompt_id: str, state: JobState, **fields: Any) -> bool:
-        """Move an unfinished job to another unfinished state; False if it is final."""
+    async def set_state(
+        self, prompt_id: str, state: JobState, *, epoch: int | None = None, **fields: Any
+    ) -> bool:
+        """Move an unfinished job to another unfinished state; False if it is final, or
+        if `epoch` (the run's fencing token) is no longer the job's."""
         ...
 
     async def request_cancel(self, content_request_id: str, attempt: int) -> bool: ...
 
     async def cancel_requests(self, instance: str) -> list[str]: ...
 
-    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool: ...
+    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> int | None:
+        """The attempt runs again under `new_prompt_id`: its new epoch; None if it ended."""
+        ...
 
-    async def finish(self, job: Job, event: OutboxEvent | None) -> bool: ...
+    async def reclaim(self, prompt_id: str, epoch: int) -> int | None:
+        """Take over a run as it is (uploads resume): its new epoch; None if it moved on."""
+        ...
+
+    async def fenced(self, instance: str, runs: list[tuple[str, int]]) -> list[str]:
+        """Of `runs` (prompt_id, epoch), those `instance` may no longer write."""
+        ...
+
+    async def finish(self, job: Job, event: OutboxEvent | None) -> bool:
+        """The final state and its event, if `job.epoch` is current and it is not final."""
+        ...
 
     async def prune(self, finished_before: float, limit: int) -> int: ...
 
     # -- images -------------------------------------------------------------------------
 
-    def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[None]:
-        """Queued now, in order with later writes; await the future for the commit."""
+    def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[bool]:
+        """Queued now, in order with later writes; the future: False when fenced."""
         ...
 
     async def images(self, content_request_id: str, attempt: int) -> list[tuple[int, Output]]: ...
@@ -126,6 +151,17 @@ class Store(Protocol):
     async def callback_summary(
         self, content_request_id: str, attempt: int
     ) -> CallbackSummary | None: ...
+
+    async def redeliver_dead(
+        self,
+        instance: str,
+        now: float,
+        content_request_id: str | None = None,
+        dead_since: float | None = None,
+    ) -> list[OutboxEvent]:
+        """Dead events (one id's latest, or all dead since a time) pending again, due now,
+        under the same event id, for `instance` to send."""
+        ...
 
     async def outbox_backlog(self) -> tuple[int, int]:
         """(pending, dead) events."""

@@ -398,6 +398,18 @@ def make_storage_app(state: FakeStorage) -> web.Application:
         check_auth(request)
         return web.json_response(bucket_of(request.match_info["id"]).as_json())
 
+    async def update_bucket(request: web.Request) -> web.StreamResponse:
+        check_auth(request)
+        bucket = bucket_of(request.match_info["id"])
+        body: Mapping[str, Any] = await request.json()
+        if "public" in body:
+            bucket.public = bool(body["public"])
+        if "file_size_limit" in body:
+            bucket.file_size_limit = body["file_size_limit"]
+        if "allowed_mime_types" in body:
+            bucket.allowed_mime_types = body["allowed_mime_types"]
+        return web.json_response({"message": "Successfully updated"})
+
     async def unknown(request: web.Request) -> web.StreamResponse:
         raise StorageError("404", "not_found", f"Route {request.method}:{request.path} not found")
 
@@ -416,6 +428,7 @@ def make_storage_app(state: FakeStorage) -> web.Application:
     r.add_post(v1 + "/bucket", create_bucket)
     r.add_get(v1 + "/bucket", list_buckets)
     r.add_get(v1 + "/bucket/{id}", get_bucket)
+    r.add_put(v1 + "/bucket/{id}", update_bucket)
     r.add_route("*", "/{tail:.*}", unknown)
     return app
 

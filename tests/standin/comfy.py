@@ -47,16 +47,28 @@ class InterruptProcessingException(Exception):
 
 
 class FolderPaths:
-    """folder_paths: output/user directories and get_save_image_path's contract."""
+    """folder_paths: ComfyUI's directories and get_save_image_path's contract."""
 
     def __init__(self, base: Path) -> None:
+        self.base_path = str(base)
+        self.models_dir = str(base / "models")
+        self.folder_names_and_paths = {
+            "checkpoints": ([str(base / "models" / "checkpoints")], {".safetensors"})}
         self.output_directory = str(base / "output")
+        self.input_directory = str(base / "input")
+        self.temp_directory = str(base / "temp")
         self.user_directory = str(base / "user")
-        os.makedirs(self.output_directory, exist_ok=True)
-        os.makedirs(self.user_directory, exist_ok=True)
+        for directory in (self.output_directory, self.input_directory, self.user_directory):
+            os.makedirs(directory, exist_ok=True)
 
     def get_output_directory(self) -> str:
         return self.output_directory
+
+    def get_input_directory(self) -> str:
+        return self.input_directory
+
+    def get_temp_directory(self) -> str:
+        return self.temp_directory
 
     def get_user_directory(self) -> str:
         return self.user_directory
@@ -339,7 +351,8 @@ class StandinComfy:
 
         return ComfyAdapter(self, self.execution, self.folder_paths, get_executing_context,
                             self.interrupt_processing, port=self.port, version=self.version,
-                            progress_hooks=self.utils, worker_name=self.worker_name)
+                            progress_hooks=self.utils, worker_name=self.worker_name,
+                            node_types=lambda: REQUIRED)
 
     # execution.validate_prompt
     async def validate_prompt(self, prompt_id: str, prompt: dict[str, Any],
@@ -350,11 +363,19 @@ class StandinComfy:
                 return (False, {"type": "invalid_prompt", "message": "Cannot execute because a "
                                 "node is missing the class_type property.",
                                 "details": f"Node ID '#{node_id}'", "extra_info": {}}, [], {})
-            if node["class_type"] not in REQUIRED:
+            class_type = node["class_type"]
+            if class_type not in REQUIRED and not self.version.startswith("0.33"):
+                return (False, {"type": "invalid_prompt",
+                                "message": f"Cannot execute because node {class_type} does not "
+                                "exist.", "details": f"Node ID '#{node_id}'", "extra_info": {}},
+                        [], {})
+            if class_type not in REQUIRED:
+                title = node.get("_meta", {}).get("title", class_type)
                 return (False, {"type": "missing_node_type",
-                                "message": f"Node '{node['class_type']}' not found. The custom "
-                                "node may not be installed.",
-                                "details": f"Node ID '#{node_id}'", "extra_info": {}}, [], {})
+                                "message": f"Node '{title}' not found. The custom node may not "
+                                "be installed.", "details": f"Node ID '#{node_id}'",
+                                "extra_info": {"node_id": node_id, "class_type": class_type,
+                                               "node_title": title}}, [], {})
             if node["class_type"] in OUTPUT_NODES:
                 outputs.add(node_id)
         if not outputs:

@@ -16,7 +16,7 @@ from .thread import JournalThread, Opener
 def open_sqlite(path: Path | str, *, on_thread: bool = False) -> SqliteStore:
     """The journal at `path`; `on_thread` keeps it in this process (tests patch it there)."""
     runner = JournalThread(Opener(path)) if on_thread else JournalProcess(path)
-    return SqliteStore(runner)
+    return SqliteStore(runner, path)
 
 
 __all__ = ["JournalProcess", "JournalThread", "SqliteStore", "open_sqlite"]

@@ -24,6 +24,7 @@ from ...jobs import Job, JobState, Output
 from ..base import DuplicateAttempt, OutboxEvent
 from .outbox import OutboxRows
 from .schema import (
+    ADDED_COLUMNS,
     CANCEL_REQUESTS,
     PRUNABLE,
     ROWS_PER_STATEMENT,
@@ -66,6 +67,9 @@ class Journal(OutboxRows):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            for table, column, definition in ADDED_COLUMNS:
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -188,15 +192,20 @@ class Journal(OutboxRows):
         ).fetchall()
         return [job_of(r) for r in rows]
 
-    def set_state(self, prompt_id: str, state: JobState, **fields: Any) -> bool:
-        """Move an unfinished job to another unfinished state; False if it is final already."""
+    def set_state(
+        self, prompt_id: str, state: JobState, *, epoch: int | None = None, **fields: Any
+    ) -> bool:
+        """Move an unfinished job to another unfinished state; False if it is final already,
+        or (given the run's `epoch`) if another process has taken the run over."""
         assert not state.final, "final states go through finish()"
         columns = {"state": state.value, **fields}
         sets = ", ".join(f"{name} = ?" for name in columns)
+        fence = "" if epoch is None else " AND epoch = ?"
         with self._tx() as db:
             cur = db.execute(
-                f"UPDATE jobs SET {sets} WHERE prompt_id = ? AND state NOT IN ('success', 'error')",
-                (*columns.values(), prompt_id),
+                f"UPDATE jobs SET {sets} WHERE prompt_id = ?{fence}"
+                " AND state NOT IN ('success', 'error')",
+                (*columns.values(), prompt_id, *(() if epoch is None else (epoch,))),
             )
         return cur.rowcount == 1
 
@@ -218,44 +227,72 @@ class Journal(OutboxRows):
         rows = self._db.execute(CANCEL_REQUESTS, (instance,)).fetchall()
         return [row[0] for row in rows]
 
-    def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool:
-        """The same attempt runs again under a new prompt_id after a restart.
+    def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> int | None:
+        """The same attempt runs again under a new prompt_id after a restart; its epoch.
 
-        False if it ended meanwhile (recovery reads its list once, then works through it
-        while jobs finish): then nothing changes, and the caller must not queue it.
+        The claim's epoch goes up, so the old run's writes are refused if it is still
+        alive somewhere (a stalled instance). None if it ended meanwhile (recovery reads
+        its list once, then works through it while jobs finish): then nothing changes, and
+        the caller must not queue it.
         """
         with self._tx() as db:
             row = db.execute(
-                "SELECT content_request_id, attempt FROM jobs"
+                "SELECT content_request_id, attempt, epoch FROM jobs"
                 " WHERE prompt_id = ? AND state NOT IN ('success', 'error')",
                 (old_prompt_id,),
             ).fetchone()
             if row is None:
-                return False
+                return None
             db.execute(
                 "UPDATE jobs SET prompt_id = ?, runs = runs + 1, state = 'queued',"
-                " started_at = NULL, executed_at = NULL, expected_images = NULL"
-                " WHERE prompt_id = ?",
+                " epoch = epoch + 1, started_at = NULL, executed_at = NULL,"
+                " expected_images = NULL WHERE prompt_id = ?",
                 (new_prompt_id, old_prompt_id),
             )
             db.execute(
                 "DELETE FROM images WHERE content_request_id = ? AND attempt = ?",
                 (row["content_request_id"], row["attempt"]),
             )
-        return True
+        return int(row["epoch"]) + 1
+
+    def reclaim(self, prompt_id: str, epoch: int) -> int | None:
+        """Take over an unfinished run as it is (its uploads resume here): its new epoch,
+        or None if it ended or was taken over by someone else meanwhile."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET epoch = epoch + 1 WHERE prompt_id = ? AND epoch = ?"
+                " AND state NOT IN ('success', 'error')",
+                (prompt_id, epoch),
+            )
+        return epoch + 1 if cur.rowcount == 1 else None
+
+    def fenced(self, instance: str, runs: list[tuple[str, int]]) -> list[str]:
+        """Of `runs` (prompt_id, epoch), those no longer `instance`'s to write: taken over
+        by another process, or ended elsewhere."""
+        lost: list[str] = []
+        for prompt_id, epoch in runs:
+            row = self._db.execute(
+                "SELECT 1 FROM jobs WHERE prompt_id = ? AND epoch = ? AND instance = ?"
+                " AND state NOT IN ('success', 'error')",
+                (prompt_id, epoch, instance),
+            ).fetchone()
+            if row is None:
+                lost.append(prompt_id)
+        return lost
 
     def finish(self, job: Job, event: OutboxEvent | None) -> bool:
         """Write the final state (and its callback event) unless the job is final already.
 
-        Returns False when another path finished it first: then nothing is written, and
-        the caller must not report a second outcome.
+        Returns False when another path finished it first, or another process took the
+        run over (its epoch moved on): then nothing is written, and the caller must not
+        report an outcome.
         """
         assert job.state.final
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = ?, error_type = ?, error_message = ?, node_id = ?,"
                 " image_urls = ?, finished_at = ?, executed_at = COALESCE(executed_at, ?)"
-                " WHERE prompt_id = ? AND state NOT IN ('success', 'error')",
+                " WHERE prompt_id = ? AND epoch = ? AND state NOT IN ('success', 'error')",
                 (
                     job.state.value,
                     job.error_type.value if job.error_type else None,
@@ -265,6 +302,7 @@ class Journal(OutboxRows):
                     job.finished_at,
                     job.executed_at,
                     job.prompt_id,
+                    job.epoch,
                 ),
             )
             if cur.rowcount != 1:
@@ -329,12 +367,15 @@ class Journal(OutboxRows):
 
     # -- images -------------------------------------------------------------------------
 
-    def record_image(self, job: Job, seq: int, output: Output) -> None:
+    def record_image(self, job: Job, seq: int, output: Output) -> bool:
+        """Record an image of the run `job` holds; False if its epoch is no longer current."""
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "INSERT OR REPLACE INTO images (content_request_id, attempt, seq, node_id, idx,"
                 " key, path, content_type, bytes, width, height, url)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " SELECT ?,?,?,?,?,?,?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM jobs WHERE"
+                " content_request_id = ? AND attempt = ? AND epoch = ?"
+                " AND state NOT IN ('success', 'error'))",
                 (
                     job.content_request_id,
                     job.attempt,
@@ -348,8 +389,12 @@ class Journal(OutboxRows):
                     output.width,
                     output.height,
                     output.url,
+                    job.content_request_id,
+                    job.attempt,
+                    job.epoch,
                 ),
             )
+        return cur.rowcount == 1
 
     def images(self, content_request_id: str, attempt: int) -> list[tuple[int, Output]]:
         rows = self._db.execute(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import AbstractContextManager
+from dataclasses import replace
+from typing import Any
 
 from ...jobs import CallbackSummary
 from ..base import OutboxEvent
@@ -133,3 +135,43 @@ class OutboxRows:
         """Events per state; scans the whole outbox (tests and diagnostics)."""
         rows = self._db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
         return {r[0]: int(r[1]) for r in rows}
+
+    def redeliver_dead(
+        self,
+        instance: str,
+        now: float,
+        content_request_id: str | None = None,
+        dead_since: float | None = None,
+    ) -> list[OutboxEvent]:
+        """Put dead-lettered callbacks back in the outbox, due now, for `instance` to send.
+
+        One id's dead event, or every event dead-lettered at or after `dead_since` (its
+        `updated_at`). Only an id's latest attempt: an older attempt's event must never
+        arrive. Each keeps its event id (the receiver's `webhook-id`, so it de-duplicates)
+        and body; its tries count from zero again, and `created_at` becomes `now`, so it
+        gets the whole schedule and a new retry horizon. The instance asking delivers them.
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if content_request_id is not None:
+            clauses.append("o.content_request_id = ?")
+            params.append(content_request_id)
+        if dead_since is not None:
+            clauses.append("o.updated_at >= ?")
+            params.append(dead_since)
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT o.* FROM outbox o WHERE o.state = 'dead'"
+                + "".join(f" AND {c}" for c in clauses)
+                + " AND o.attempt = (SELECT max(attempt) FROM jobs j"
+                "  WHERE j.content_request_id = o.content_request_id)"
+                " ORDER BY o.updated_at",
+                params,
+            ).fetchall()
+            db.executemany(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+                " created_at = ?, updated_at = ?, instance = ?, last_error = NULL"
+                " WHERE event_id = ? AND state = 'dead'",
+                [(now, now, now, instance, row["event_id"]) for row in rows],
+            )
+        return [replace(event_of(row), attempts=0, created_at=now) for row in rows]

@@ -12,9 +12,13 @@ from ..base import OutboxEvent
 ROWS_PER_STATEMENT = 100
 
 # 2: outbox_dead index; 4: jobs_prunable (retention) and jobs_cancel_requested indexes (3
-# was a development version with an index of every finished job). Each version's
-# statements are idempotent, so one pass over SCHEMA migrates any older journal.
-SCHEMA_VERSION = 4
+# was a development version with an index of every finished job); 5: jobs.epoch, the
+# fencing token (ADDED_COLUMNS). Each version's statements are idempotent, so one pass
+# over SCHEMA and ADDED_COLUMNS migrates any older journal.
+SCHEMA_VERSION = 5
+
+# (table, column, definition): columns an older journal's table lacks
+ADDED_COLUMNS = (("jobs", "epoch", "INTEGER NOT NULL DEFAULT 1"),)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -26,6 +30,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     workflow TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     runs INTEGER NOT NULL DEFAULT 1,
+    epoch INTEGER NOT NULL DEFAULT 1,
     error_type TEXT,
     error_message TEXT,
     node_id TEXT,
@@ -113,6 +118,7 @@ def job_of(row: sqlite3.Row) -> Job:
         fingerprint=row["fingerprint"],
         state=JobState(row["state"]),
         runs=row["runs"],
+        epoch=row["epoch"],
         error_type=ErrorType(row["error_type"]) if row["error_type"] else None,
         error_message=row["error_message"],
         node_id=row["node_id"],

@@ -11,7 +11,14 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar
+from urllib.parse import quote
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from ...errors import StoreError
 from ...jobs import CallbackSummary, Job, JobState, Output
@@ -27,10 +34,35 @@ T = TypeVar("T")
 
 
 class SqliteStore:
-    def __init__(self, runner: JournalRunner) -> None:
+    def __init__(self, runner: JournalRunner, path: Path | str | None = None) -> None:
         self.runner = runner
+        self.path = path
         self._admit: GroupCommit[Job, Job | int] = GroupCommit(runner, Journal.admit)
         self.on_failure: Callable[[], None] | None = None
+        self._instance_lock: IO[str] | None = None
+
+    def claim_instance(self, name: str) -> bool:
+        """Hold `name` for this process's life; False if a live process holds it already.
+
+        A file lock, which the kernel releases when its holder dies however it dies: it
+        tells a live twin (a shared COURIER_INSTANCE, containers with equal hostname and
+        port) from a dead predecessor, whose work this process must recover. Every
+        process sharing a SQLite journal is on its host, so the lock is seen by all.
+        """
+        if fcntl is None or self.path is None or str(self.path) == ":memory:":
+            return True  # Windows: no twin detection
+        folder = Path(self.path).parent / "instances"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = (folder / f"{quote(name, safe='')}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        if self._instance_lock is not None:
+            self._instance_lock.close()
+        self._instance_lock = handle
+        return True
 
     @property
     def kind(self) -> str:
@@ -83,8 +115,10 @@ class SqliteStore:
     async def unfinished(self, instance: str) -> list[Job]:
         return await self._call(Journal.unfinished, instance)
 
-    async def set_state(self, prompt_id: str, state: JobState, **fields: Any) -> bool:
-        return await self._call(Journal.set_state, prompt_id, state, **fields)
+    async def set_state(
+        self, prompt_id: str, state: JobState, *, epoch: int | None = None, **fields: Any
+    ) -> bool:
+        return await self._call(Journal.set_state, prompt_id, state, epoch=epoch, **fields)
 
     async def request_cancel(self, content_request_id: str, attempt: int) -> bool:
         return await self._call(Journal.request_cancel, content_request_id, attempt)
@@ -92,8 +126,14 @@ class SqliteStore:
     async def cancel_requests(self, instance: str) -> list[str]:
         return await self._call(Journal.cancel_requests, instance)
 
-    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> bool:
+    async def resubmitted(self, old_prompt_id: str, new_prompt_id: str, now: float) -> int | None:
         return await self._call(Journal.resubmitted, old_prompt_id, new_prompt_id, now)
+
+    async def reclaim(self, prompt_id: str, epoch: int) -> int | None:
+        return await self._call(Journal.reclaim, prompt_id, epoch)
+
+    async def fenced(self, instance: str, runs: list[tuple[str, int]]) -> list[str]:
+        return await self._call(Journal.fenced, instance, runs)
 
     async def finish(self, job: Job, event: OutboxEvent | None) -> bool:
         return await self._call(Journal.finish, job, event)
@@ -103,7 +143,7 @@ class SqliteStore:
 
     # -- images -------------------------------------------------------------------------
 
-    def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[None]:
+    def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[bool]:
         future = self.runner.submit(Journal.record_image, job, seq, output)
         future.add_done_callback(self._failed)
         return future
@@ -151,6 +191,17 @@ class SqliteStore:
     ) -> CallbackSummary | None:
         return await self._call(Journal.callback_summary, content_request_id, attempt)
 
+    async def redeliver_dead(
+        self,
+        instance: str,
+        now: float,
+        content_request_id: str | None = None,
+        dead_since: float | None = None,
+    ) -> list[OutboxEvent]:
+        return await self._call(
+            Journal.redeliver_dead, instance, now, content_request_id, dead_since
+        )
+
     async def outbox_backlog(self) -> tuple[int, int]:
         return await self._call(Journal.outbox_backlog)
 
@@ -158,5 +209,11 @@ class SqliteStore:
         """Events per state; scans the whole outbox (tests and diagnostics)."""
         return await self._call(Journal.outbox_counts)
 
+    def release_instance(self) -> None:
+        if self._instance_lock is not None:
+            self._instance_lock.close()
+            self._instance_lock = None
+
     async def aclose(self) -> None:
         await self.runner.aclose()
+        self.release_instance()
