@@ -108,6 +108,7 @@ def build_courier(
         upload_schedule=upload_schedule,
     )
     store.on_lost = courier.journal_lost
+    store.on_failure = courier.store_failed
     return courier
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import intake
 from .comfy_queue import ComfyQueue
-from .errors import IdempotencyConflict, QueueFull, WorkflowRejected
+from .errors import IdempotencyConflict, QueueFull, StoreError, WorkflowRejected
 from .ids import uuid7
 from .jobs import CallbackSummary, ErrorType, Job, status_body
 from .keyed_lock import KeyedLock
@@ -114,6 +114,8 @@ class Admission:
         body = status_body(job, callback, position, 0.0)
         if self.status_updates is not None:
             self.status_updates.update(job, "queued", 0.0)
+        if job.attempt > 1 and self.settings.callback_url is not None:
+            self.background.spawn(self._report_superseded(job))
         return 202, body
 
     def register(self, job: Job, uses_node: bool, admitted: Job | int) -> tuple[Job | None, int]:
@@ -162,6 +164,37 @@ class Admission:
             self.background.spawn(
                 self.settler.finish(run, ErrorType.LOST, f"ComfyUI did not queue it: {e}")
             )
+
+    async def _report_superseded(self, job: Job) -> None:
+        """Say so when this attempt's commit dropped the previous attempt's callback.
+
+        The commit that accepts attempt n+1 drops attempt n's event if it is still
+        undelivered, so a late `error` can never land after the newer attempt's result;
+        a send of it waiting for a delivery slot is not made (Deliverer._still_current).
+        """
+        previous = job.attempt - 1
+        try:
+            summary = await self.store.callback_summary(job.content_request_id, previous)
+        except StoreError as e:
+            log.warning(
+                "[courier] could not read the callback of id=%s attempt=%s: %s",
+                job.content_request_id,
+                previous,
+                e,
+            )
+            return
+        if summary is None or summary.state != "dropped":
+            return
+        self.metrics.callbacks_superseded.inc()
+        log.warning(
+            "[courier] callback superseded id=%s attempt=%s: attempt %s was accepted before "
+            "it was delivered (%s tries, last error: %s); no try starts after this",
+            job.content_request_id,
+            previous,
+            job.attempt,
+            summary.attempts,
+            summary.last_error,
+        )
 
     async def _duplicate_answer(self, request: intake.Request) -> tuple[int, dict[str, Any]] | None:
         """The duplicate rule's answer for `request` (200 replay, or raises 409), if any."""

@@ -57,6 +57,7 @@ class Courier:
         instance: str,
         deliverer: Deliverer | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         upload_schedule: tuple[float, ...] = (0.5, 2.0, 8.0),
         status: StatusNotifier | None = None,
         metrics: Metrics | None = None,
@@ -67,7 +68,8 @@ class Courier:
         self.storage = storage
         self.instance = instance
         self.deliverer = deliverer
-        self.clock = clock
+        self.clock = clock  # wall: only for times the store keeps
+        self.monotonic = monotonic  # durations measured in this process
         self.metrics = metrics = metrics or Metrics()
         if deliverer is not None:
             deliverer.on_outcome = lambda outcome: metrics.callback_attempts.labels(outcome).inc()
@@ -96,10 +98,10 @@ class Courier:
             store, runs, comfy, settler, reader, id_locks, instance
         )
         self.worker_events = WorkerEvents(runs, settler, uploader, background, clock, status)
-        self.watch = QueueWatch(settings, comfy, runs, settler, cancellation, clock)
+        self.watch = QueueWatch(settings, comfy, runs, settler, cancellation, clock, monotonic)
         self.recovery = Recovery(
             settings, store, runs, queue, uploader, settler, background, instance, clock,
-            deliverer, fencing,
+            deliverer, fencing, monotonic,
         )  # fmt: skip
         self.retention = Retention(settings, store, clock, metrics)
         self.health_report = Health(settings, comfy, store, storage, runs, metrics, deliverer)
@@ -140,10 +142,19 @@ class Courier:
         """The store lost calls in flight: requeue what it committed but never answered.
 
         An admission written just before the loss is in the store but not in ComfyUI's
-        queue (its request got a 503; the retry gets a replay); recovery resubmits it.
+        queue (its request got a 503; the retry gets a replay); recovery resubmits it. A
+        final event written just before it is in the outbox, and nothing else would tell
+        the deliverer: it reads the outbox again.
         """
+        if self.deliverer is not None:
+            self.deliverer.rescan_soon()
         if self.ready.is_set():
             self.background.spawn(self.recovery.recover())
+
+    def store_failed(self) -> None:
+        """A store call failed (written or not): the deliverer reads the outbox again soon."""
+        if self.deliverer is not None:
+            self.deliverer.rescan_soon()
 
     # -- what routes and the node call ----------------------------------------------------
 

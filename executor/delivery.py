@@ -3,86 +3,57 @@
 The schedule lives in the store (`next_attempt_at`), not in a sleeping coroutine, so a
 restart resumes exactly where the last process stopped. Delivery is at-least-once;
 receivers de-duplicate on `webhook-id`, which is stable across retries.
+
+Every path through a delivery advances its schedule: a try whose outcome the store would
+not record (a full disk, a lost journal answer) is held in memory until its next due time
+(delivery_schedule.py), counted and dead-lettered at the horizon like any other; an
+unusable answer is a retry; nothing re-sends at once. After a store failure anywhere
+(`rescan_soon`) the deliverer reads the outbox again within a second: what the failed
+call committed may be due now.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import aiohttp
 
+from .delivery_schedule import (
+    DEFAULT_SCHEDULE,
+    GONE,
+    STORE_RETRY,
+    Delivered,
+    Outcome,
+    Permanent,
+    Retry,
+    Track,
+    Tracks,
+    Write,
+    classify,
+    parse_retry_after,
+    plan,
+)
 from .signing import signature_headers
 from .store import OutboxEvent, Store
 
 log = logging.getLogger(__name__)
 
-# In the spirit of Standard Webhooks: now, 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h,
-# then every 4 h until the retry horizon (COURIER_RETRY_HORIZON, a day by default).
-# Each wait varies by the deliverer's jitter (±10 %), so many hosts' retries spread out.
-DEFAULT_SCHEDULE: tuple[float, ...] = (0, 5, 30, 120, 600, 1800, 3600, 7200, 14400)
-GONE = 410  # the one answer that stops retries: the receiver says the endpoint is gone
+__all__ = [
+    "DEFAULT_SCHEDULE", "GONE", "Deliverer", "Delivered", "Permanent", "Retry", "classify",
+    "parse_retry_after",
+]  # fmt: skip
 
-
-@dataclass(frozen=True)
-class Delivered:
-    status: int
-
-
-@dataclass(frozen=True)
-class Retry:
-    reason: str
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True)
-class Permanent:
-    reason: str
-
-
-Outcome = Delivered | Retry | Permanent
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
-
-
-def classify(
-    code: int, retry_after: str | None, now: float, location: str | None = None
-) -> Outcome:
-    """What a receiver's answer means: delivered, retry later, or never (dead letter).
-
-    Every non-2xx answer is retried until the horizon, 4xx included: a receiver answering
-    401 because its key or secret is wrong is a mistake its operator can fix, and the
-    events it refused then arrive (Stripe and Svix retry every non-2xx too). Only 410 Gone
-    stops at once. Redirects are not followed (a POST's body and keys would go to another
-    address) but retried: the operator fixes COURIER_CALLBACK_URL and the kept events
-    then arrive.
-    """
-    if 200 <= code < 300:
-        return Delivered(code)
-    reason = f"HTTP {code}"
-    if code == GONE:
-        return Permanent(f"{reason} Gone: the receiver asked for no more deliveries")
-    if 300 <= code < 400:
-        reason += f" redirect to {location or '?'}"[:200]
-        reason += "; set COURIER_CALLBACK_URL to the final address (redirects are not followed)"
-    return Retry(reason, parse_retry_after(retry_after, now))
+RESCAN_DELAY = 1.0  # after a store failure elsewhere: read the outbox again this soon
+IDLE_WAIT = 3600.0  # the longest sleep with nothing due
+EXCLUDE_MAX = 500  # ids passed to next_due_at (older SQLite allows 999 variables)
+BLIND_WAIT = 60.0  # the longest sleep when not every id in flight or held was excluded
+STEP_TOLERANCE = 2.0  # s of wall-clock drift against the monotonic clock not called a step
+SWEEP_INTERVAL = 600.0  # forget tracked events the outbox no longer holds as pending
 
 
 class Deliverer:
@@ -100,6 +71,7 @@ class Deliverer:
         concurrency: int = 8,
         jitter: float = 0.1,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._instance = instance
@@ -110,12 +82,19 @@ class Deliverer:
         self._horizon = horizon
         self._timeout = timeout
         self._jitter = jitter
-        self._clock = clock
+        self.clock = clock  # wall: the store's times, Retry-After dates
+        self.monotonic = monotonic  # every duration measured in this process
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._nudge = asyncio.Event()  # the rescan time changed: sleep less
+        self._rescan_at: float | None = None
+        self._passing = False
+        self._failed_during_pass = False
+        self._tracks = Tracks()  # events this process has tried, still pending
+        self._next_sweep = 0.0
         self.sent = 0
         self.failures = 0
         self.on_outcome: Callable[[str], None] = lambda outcome: None  # metrics hook
@@ -123,6 +102,20 @@ class Deliverer:
     def wake(self) -> None:
         """A new event was committed: look now instead of at the next scheduled time."""
         self._wake.set()
+
+    def rescan_soon(self) -> None:
+        """A store call failed somewhere: what it committed unanswered may be due now.
+
+        Not a wake: a failing store must not turn the loop into a tight one. A pass that
+        fails itself retries after STORE_RETRY instead.
+        """
+        if self._passing:
+            self._failed_during_pass = True
+            return
+        at = self.monotonic() + RESCAN_DELAY
+        if self._rescan_at is None or at < self._rescan_at:
+            self._rescan_at = at
+            self._nudge.set()
 
     def _http(self) -> aiohttp.ClientSession:
         # aiohttp, not httpx: it is ComfyUI's own HTTP stack, and a callback over it costs
@@ -138,66 +131,186 @@ class Deliverer:
         if self._session is not None:
             await self._session.close()
 
+    # -- the loop -----------------------------------------------------------------------
+
     async def run(self) -> None:
+        failures = 0
         while True:
+            self._wake.clear()  # before the pass: a wake during it means look again
+            self._rescan_at = None
+            self._passing, self._failed_during_pass = True, False
             try:
-                await self.dispatch_due()
-                next_at = await self._store.next_due_at(self._instance, tuple(self._in_flight))
+                delay = await self._pass()
+                failures = 0
             except Exception:  # a journal hiccup must not end delivery for good
-                log.exception("[courier] outbox pass failed; retrying in 5 s")
-                next_at = self._clock() + 5
-            delay = 3600.0 if next_at is None else max(0.05, next_at - self._clock())
-            self._wake.clear()
+                failures += 1
+                if failures == 1:
+                    log.exception("[courier] outbox pass failed; retrying in %g s", STORE_RETRY)
+                else:
+                    log.error("[courier] outbox pass failed (%d in a row)", failures)
+                delay = STORE_RETRY
+            finally:
+                self._passing = False
+            if failures == 0 and self._failed_during_pass:
+                self.rescan_soon()
+            await self._sleep(delay)
+
+    async def _pass(self) -> float:
+        """Start what is due; seconds until something may be due next."""
+        await self.dispatch_due()
+        excluded = (*self._in_flight, *self._tracks.held)
+        complete = len(excluded) <= EXCLUDE_MAX
+        next_at = await self._store.next_due_at(self._instance, excluded[:EXCLUDE_MAX])
+        wall, mono = self.clock(), self.monotonic()
+        delays = [BLIND_WAIT] if not complete else []
+        if next_at is not None and (complete or next_at > wall):
+            delays.append(next_at - wall)
+        # held events, or after a step back every tracked one: due by this process's clock
+        every = self._tracks.stepped_back(wall, mono, STEP_TOLERANCE)
+        delays += self._tracks.delays(mono, every, self._in_flight)
+        return min(max(min(delays, default=IDLE_WAIT), 0.05), IDLE_WAIT)
+
+    async def _sleep(self, delay: float) -> None:
+        """Until `delay` passes, something new is committed, or a rescan is due."""
+        end = self.monotonic() + delay
+        while not self._wake.is_set():
+            self._nudge.clear()
+            if self._rescan_at is not None:
+                end = min(end, self._rescan_at)
+            remaining = end - self.monotonic()
+            if remaining <= 0:
+                return
             # asyncio.wait, not wait_for: on Python < 3.12 wait_for can swallow a
             # cancellation that races with the event being set, and stop() would hang.
-            waiter = asyncio.ensure_future(self._wake.wait())
+            waiters = {asyncio.ensure_future(self._wake.wait()),
+                       asyncio.ensure_future(self._nudge.wait())}  # fmt: skip
             try:
-                await asyncio.wait({waiter}, timeout=min(delay, 3600.0))
+                done, _ = await asyncio.wait(
+                    waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
-                waiter.cancel()
+                for waiter in waiters:
+                    waiter.cancel()
+            if not done:
+                return
+
+    # -- choosing what to send --------------------------------------------------------------
 
     async def dispatch_due(self, limit: int = 200) -> int:
         """Start sending every due event not already in flight; returns how many started."""
-        now = self._clock()
-        events = await self._store.due_events(self._instance, now, limit)
-        return sum(self._start(event, check_current=True) for event in events)
+        wall, mono = self.clock(), self.monotonic()
+        page = limit + len(self._tracks.held)
+        events = await self._store.due_events(self._instance, wall, page)
+        due = [e for e in events if not self._tracks.waiting(e.event_id, e.created_at, mono)]
+        for event_id, write in self._tracks.records_due(mono, self._in_flight):
+            self._spawn(event_id, self._rewrite(event_id, write))
+        started = sum(self._start(event, check_current=True) for event in due)
+        if self._tracks.stepped_back(wall, mono, STEP_TOLERANCE) or mono >= self._next_sweep:
+            self._next_sweep = mono + SWEEP_INTERVAL
+            skip = self._in_flight | {event.event_id for event in events}
+            started += await self._dispatch_overdue(wall, mono, skip, len(events) < page)
+        return started
+
+    async def _dispatch_overdue(
+        self, wall: float, mono: float, skip: set[str], whole_page: bool
+    ) -> int:
+        """Tracked events due by this process's clock whose rows say later: after a step of
+        the wall clock back, they are asked for by the time their rows say."""
+        late = self._tracks.overdue(wall, mono, skip, whole_page)
+        if not late:
+            return 0
+        page = 200 + len(late)
+        events = await self._store.due_events(self._instance, max(late.values()), page)
+        started = sum(
+            self._start(event, check_current=True)
+            for event in events
+            if late.pop(event.event_id, None) is not None
+        )
+        if len(events) < page:
+            for event_id in late:  # no longer pending here
+                self._tracks.forget(event_id)
+        return started
 
     def deliver_now(self, event: OutboxEvent) -> bool:
         """Send a final event the courier has just committed, unless already in flight.
 
-        Rather than waking the loop to read it back from the outbox, and without asking
-        whether a newer attempt superseded it: none can have finished since the commit.
+        Rather than waking the loop to read it back from the outbox. Whether a newer
+        attempt superseded it is asked only if it has to wait for a delivery slot: none
+        can have been accepted between the commit and a send that starts at once.
         """
         return self._start(event, check_current=False)
 
     def _start(self, event: OutboxEvent, check_current: bool) -> bool:
         if event.event_id in self._in_flight:
             return False
-        self._in_flight.add(event.event_id)
-        task = asyncio.ensure_future(self._deliver(event, check_current))
+        self._spawn(event.event_id, self._deliver(event, check_current))
+        return True
+
+    def _spawn(self, event_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` for the event, which counts as in flight until it ends."""
+        self._in_flight.add(event_id)
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     async def drain(self) -> None:
         """Wait for the sends in flight (tests and shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    # -- one try ----------------------------------------------------------------------------
+
     async def _deliver(self, event: OutboxEvent, check_current: bool) -> None:
+        track = self._tracks.of(
+            event.event_id, event.attempts, event.created_at, self.clock(), self.monotonic()
+        )
         try:
+            # A send that waits for a slot may be superseded meanwhile (a newer attempt of
+            # its id accepted): then it is asked just before it would go out.
+            check_current = check_current or self._slots.locked()
             async with self._slots:
-                if check_current and not await self._store.event_still_current(event.event_id):
-                    # a newer attempt of the same id exists: this event must never arrive
-                    await self._store.drop_event(event.event_id, self._clock())
+                if check_current and not await self._still_current(event, track):
                     return
-                outcome = await self._send(event)
-                await self._record(event, outcome)
+                try:
+                    outcome = await self._send(event)
+                except Exception as e:  # never a reason to send again at once
+                    log.exception("[courier] sending %s failed unexpectedly", event.event_id)
+                    outcome = Retry(f"{type(e).__name__}: {e}"[:300])
+                await self._record(event, track, outcome)
         except Exception:
             log.exception("[courier] delivering %s failed unexpectedly", event.event_id)
         finally:
             self._in_flight.discard(event.event_id)
             self.wake()  # its next try may be due before the time the loop is waiting for
+
+    async def _still_current(self, event: OutboxEvent, track: Track) -> bool:
+        """False (and the event dropped) once a newer attempt of its id exists (or the
+        event ended elsewhere)."""
+        try:
+            if await self._store.event_still_current(event.event_id):
+                return True
+            await self._store.drop_event(event.event_id, self.clock())
+        except Exception as e:
+            self._tracks.hold_for(event.event_id, STORE_RETRY, self.monotonic())
+            log.warning(
+                "[courier] could not check callback event %s before sending (%s); "
+                "looking again in %g s",
+                event.event_id,
+                e,
+                STORE_RETRY,
+            )
+            return False
+        self._tracks.forget(event.event_id)
+        # Counted once, where the newer attempt was accepted (Admission): its commit is
+        # what dropped this event.
+        log.info(
+            "[courier] callback not sent id=%s attempt=%s event=%s: no longer pending "
+            "(superseded by a newer attempt of the id)",
+            event.content_request_id,
+            event.attempt,
+            event.event_id,
+        )
+        return False
 
     async def _send(self, event: OutboxEvent) -> Outcome:
         headers = {"Content-Type": "application/json", "User-Agent": "comfy-courier"}
@@ -215,72 +328,88 @@ class Deliverer:
             return Retry(f"no answer within {self._timeout:g} s")
         except (aiohttp.ClientError, ValueError) as e:  # ValueError: an unusable URL
             return Retry(f"{type(e).__name__}: {e}"[:300])
-        return classify(code, retry_after, self._clock(), location)
+        return classify(code, retry_after, self.clock(), location)
 
-    async def _record(self, event: OutboxEvent, outcome: Outcome) -> None:
-        now = self._clock()
-        attempts = event.attempts + 1
+    async def _record(self, event: OutboxEvent, track: Track, outcome: Outcome) -> None:
+        wall, mono = self.clock(), self.monotonic()
         self.on_outcome(type(outcome).__name__.lower())
+        jitter = 1 + random.uniform(-self._jitter, self._jitter)
+        write = plan(track, outcome, wall, mono, self._schedule, jitter, self._horizon)
         if isinstance(outcome, Delivered):
             self.sent += 1
-            await self._store.record_delivery(event.event_id, "delivered", attempts, now)
+        else:
+            self.failures += 1
+        self._log_outcome(event, write, outcome)
+        try:
+            await self._store.record_delivery(
+                event.event_id, write.state, write.attempts, wall, write.next_attempt_at,
+                write.last_error,
+            )  # fmt: skip
+        except Exception as e:
+            self._tracks.hold(event.event_id, write, mono)
+            log.error(
+                "[courier] could not record try %s of callback id=%s event=%s as %s (%s); "
+                "held in memory: %s",
+                write.attempts,
+                event.content_request_id,
+                event.event_id,
+                write.state,
+                e,
+                f"next try in {write.delay:.0f} s"
+                if write.state == "pending"
+                else "not sent again; recording it again shortly",
+            )
+            return
+        self._tracks.recorded(event.event_id, write, wall, mono)
+
+    async def _rewrite(self, event_id: str, write: Write) -> None:
+        """Write again a delivered or dead outcome the store refused (never sent again)."""
+        try:
+            await self._store.record_delivery(
+                event_id, write.state, write.attempts, self.clock(), None, write.last_error
+            )
+        except Exception as e:
+            self._tracks.hold(event_id, write, self.monotonic())
+            log.warning(
+                "[courier] recording callback event %s as %s failed again (%s)",
+                event_id,
+                write.state,
+                e,
+            )
+        else:
+            self._tracks.forget(event_id)
+            log.info("[courier] callback event %s recorded as %s", event_id, write.state)
+        finally:
+            self._in_flight.discard(event_id)
+            self.wake()
+
+    def _log_outcome(self, event: OutboxEvent, write: Write, outcome: Outcome) -> None:
+        ids = (event.content_request_id, event.attempt, event.event_id)
+        if write.state == "delivered":
             log.info(
                 "[courier] callback delivered id=%s attempt=%s event=%s tries=%s",
-                event.content_request_id,
-                event.attempt,
-                event.event_id,
-                attempts,
+                *ids,
+                write.attempts,
             )
-            return
-        self.failures += 1
-        if isinstance(outcome, Permanent):
-            await self._store.record_delivery(
-                event.event_id, "dead", attempts, now, None, outcome.reason
-            )
+        elif isinstance(outcome, Permanent):
             log.error(
                 "[courier] callback dead-lettered id=%s attempt=%s event=%s: receiver answered %s",
-                event.content_request_id,
-                event.attempt,
-                event.event_id,
+                *ids,
                 outcome.reason,
             )
-            return
-        delay = self._schedule[min(attempts, len(self._schedule) - 1)]
-        delay *= 1 + random.uniform(-self._jitter, self._jitter)
-        if outcome.retry_after is not None:
-            delay = max(delay, outcome.retry_after)
-        next_at = now + delay
-        if next_at - event.created_at > self._horizon:
-            await self._store.record_delivery(
-                event.event_id,
-                "dead",
-                attempts,
-                now,
-                None,
-                f"gave up after {attempts} tries: {outcome.reason}",
-            )
+        elif write.state == "dead":
             log.error(
                 "[courier] callback dead-lettered id=%s attempt=%s event=%s: "
                 "retry horizon over (%s)",
-                event.content_request_id,
-                event.attempt,
-                event.event_id,
-                outcome.reason,
+                *ids,
+                write.last_error,
             )
-            return
-        await self._store.record_delivery(
-            event.event_id,
-            "pending",
-            attempts,
-            now,
-            next_at,
-            outcome.reason,
-        )
-        log.warning(
-            "[courier] callback try %s failed id=%s event=%s: %s; next in %.0f s",
-            attempts,
-            event.content_request_id,
-            event.event_id,
-            outcome.reason,
-            delay,
-        )
+        else:
+            log.warning(
+                "[courier] callback try %s failed id=%s event=%s: %s; next in %.0f s",
+                write.attempts,
+                event.content_request_id,
+                event.event_id,
+                write.last_error,
+                write.delay,
+            )

@@ -50,6 +50,12 @@ class Metrics:
             "Finished jobs slimmed to their outcome after COURIER_RETENTION_DAYS",
             registry=self.registry,
         )
+        self.callbacks_superseded = Counter(
+            "courier_callbacks_superseded",
+            "Final callbacks still undelivered when a newer attempt of their id was "
+            "accepted: dropped then, never sent after that",
+            registry=self.registry,
+        )
         self.callback_attempts = Counter(
             "courier_callback_attempts",
             "Final-callback delivery attempts, by outcome",

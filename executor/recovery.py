@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 
 from . import intake
@@ -28,6 +29,9 @@ from .uploads import Uploader
 log = logging.getLogger(__name__)
 
 HEARTBEAT_MAX = 5.0  # s between heartbeats at most (COURIER_TAKEOVER_AFTER / 4 if less)
+# Wall-clock time that passes between heartbeats differing this much from the monotonic
+# time that passed is a step of the clock (NTP slews far slower: 0.5 ms/s at most).
+CLOCK_STEP = 5.0
 
 
 class Recovery:
@@ -44,6 +48,7 @@ class Recovery:
         clock: Callable[[], float],
         deliverer: Deliverer | None,
         fencing: Fencing,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fencing = fencing
         self.settings = settings
@@ -54,12 +59,16 @@ class Recovery:
         self.settler = settler
         self.background = background
         self.instance = instance
-        self.clock = clock
+        self.clock = clock  # wall: heartbeats are compared across processes
         self.deliverer = deliverer
+        self.monotonic = monotonic
         # one recovery at a time: none queues a job twice
         self._recovering = asyncio.Lock()
         # off while a live twin shares this instance name: its jobs look like ours
         self.enabled = True
+        self._last_beat: tuple[float, float] | None = None  # (wall, monotonic)
+        self._adopt_after = -float("inf")  # monotonic: no adoption before (a clock step)
+        self.beats = 0
 
     @property
     def heartbeat_interval(self) -> float:
@@ -70,16 +79,46 @@ class Recovery:
         was silent; adopt the work of instances that went silent."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            try:
-                await self.store.heartbeat(self.instance, self.clock())
-                await self.fencing.check()
-                if await self.adopt_orphans():
-                    await self.recover()
-            except Exception:
-                log.exception("[courier] heartbeat failed")
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One heartbeat, the fencing check, and the adoption of silent instances' work."""
+        try:
+            self._notice_clock_step()
+            await self.store.heartbeat(self.instance, self.clock())
+            self.beats += 1
+            await self.fencing.check()
+            if await self.adopt_orphans():
+                await self.recover()
+        except Exception:
+            log.exception("[courier] heartbeat failed")
+
+    def _notice_clock_step(self) -> None:
+        """Pause adoption for COURIER_TAKEOVER_AFTER after a step of this host's wall clock.
+
+        Heartbeats are wall-clock times compared between processes: no monotonic clock is
+        shared by two processes or survives a reboot, so silence cannot be measured with
+        one. What one can do is notice a step of the local clock: right after a step
+        forward every sibling's last beat looks old by the step, until each has beaten
+        again with the stepped clock (the instances of one journal share a host's clock).
+        """
+        wall, mono = self.clock(), self.monotonic()
+        last, self._last_beat = self._last_beat, (wall, mono)
+        if last is None:
+            return
+        step = (wall - last[0]) - (mono - last[1])
+        if abs(step) > CLOCK_STEP:
+            pause = self.settings.takeover_after
+            self._adopt_after = mono + pause
+            log.warning(
+                "[courier] the wall clock stepped %+.0f s; no adoption of silent instances "
+                "for %.0f s while the others' heartbeats catch up",
+                step,
+                pause,
+            )
 
     async def adopt_orphans(self) -> list[str]:
-        if not self.enabled:
+        if not self.enabled or self.monotonic() < self._adopt_after:
             return []
         adopted = await self.store.adopt_stale(
             self.instance, self.clock(), self.settings.takeover_after

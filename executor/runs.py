@@ -27,6 +27,9 @@ class Run:
     completed: bool = False
     progress: float | None = None  # of the running sampler, from ComfyUI's progress bars
     files: list[Path] = field(default_factory=list)  # what it wrote to ComfyUI's output folder
+    # monotonic time its execution started, as the queue watch first saw it running: the
+    # job timeout is measured from it (job.started_at is wall clock, kept in the store)
+    started_mono: float | None = None
 
 
 class Runs:

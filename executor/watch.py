@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from .cancellation import Cancellation
 from .comfy_port import ComfyPort
 from .jobs import ErrorType, JobState
-from .runs import Runs
+from .runs import Run, Runs
 from .settings import Settings
 from .settle import Settler
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.5
+# How much of a run's wall-clock age, when the watch first sees it running, counts toward
+# its timeout: the watch looks every 0.5 s, so a run it has not seen yet started moments
+# ago (later if the loop was blocked). Bounded, so a wall-clock step in that moment
+# cannot time a job out.
+FIRST_SIGHT_SLACK = 10.0
 CANCEL_POLL_TICKS = 4  # DELETEs that reached a sibling instance are read every 2 s
 
 
@@ -29,13 +35,15 @@ class QueueWatch:
         settler: Settler,
         cancellation: Cancellation,
         clock: Callable[[], float],
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.comfy = comfy
         self.runs = runs
         self.settler = settler
         self.cancellation = cancellation
-        self.clock = clock
+        self.clock = clock  # wall: job.started_at as the store keeps it
+        self.monotonic = monotonic  # the timeout: a duration in this process
 
     async def run(self) -> None:
         ticks = 0
@@ -58,7 +66,6 @@ class QueueWatch:
             await self._worker_died()
             return
         snapshot = self.comfy.queue_snapshot()
-        now = self.clock()
         # Set operations, not a loop over every job: a long queue costs the loop little.
         # Both lists are taken before the first await, so no job queued later is in them.
         running = [p for p in snapshot.running if p in runs]
@@ -79,8 +86,7 @@ class QueueWatch:
                 # ComfyUI clears its interrupt flag when a prompt starts: a DELETE that
                 # landed just before would be lost without asking again.
                 self.comfy.interrupt(prompt_id)
-            started = job.started_at or now
-            if now - started > self.settings.job_timeout:
+            if self._running_for(run) > self.settings.job_timeout:
                 self.comfy.interrupt(prompt_id)
                 run.completed = True
                 await self.settler.finish(
@@ -97,6 +103,16 @@ class QueueWatch:
             await self.settler.finish(
                 run, ErrorType.CANCELLED, "removed from ComfyUI's queue before it ran"
             )
+
+    def _running_for(self, run: Run) -> float:
+        """Seconds since `run` started executing, by the monotonic clock: a step of the
+        wall clock neither times it out nor extends it."""
+        mono = self.monotonic()
+        if run.started_mono is None:
+            started_at = run.job.started_at
+            age = 0.0 if started_at is None else self.clock() - started_at
+            run.started_mono = mono - min(max(age, 0.0), FIRST_SIGHT_SLACK)
+        return mono - run.started_mono
 
     async def _worker_died(self) -> None:
         """ComfyUI's prompt worker thread is gone: nothing queued will ever run."""

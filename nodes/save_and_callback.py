@@ -20,19 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from ..executor.images import FORMATS, encode, to_uint8_batch
+from ..executor.storage.local import local_name
 from ..wiring import current_runtime
 
 log = logging.getLogger(__name__)
 
-# Folder names Windows refuses, whatever the extension; a job id may be one of them.
-_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{n}" for p in ("COM", "LPT") for n in range(1, 10)}
-
 
 def job_prefix(filename_prefix: str, content_request_id: str) -> str:
     """`filename_prefix` with the job's own folder before its file name part."""
-    folder = content_request_id
-    if folder.upper() in _RESERVED:
-        folder += "_"
+    # the id as local storage names it: a folder of its own on any file system, also for
+    # ids that differ only in case, and never a name Windows refuses (`Job1` -> `job1.1`)
+    folder = local_name(content_request_id)
     head, name = os.path.split(os.path.normpath(filename_prefix))
     return os.path.join(head, folder, name)
 

@@ -1,5 +1,7 @@
 """The deliverer against a real loopback receiver: outcomes, schedule, headers."""
 
+import sqlite3
+
 import pytest
 
 from comfy_courier.executor.delivery import (
@@ -70,7 +72,7 @@ async def test_retry_after_is_honoured_and_horizon_dead_letters(outbox, receiver
     clock = Clock()
     receiver.script = [(503, {"Retry-After": "40"}, 0.0), (503, {}, 0.0)]
     d = deliverers(outbox, "i", receiver.url, "k", (), schedule=(0, 5, 30), horizon=60,
-                  jitter=0.0, clock=clock)
+                  jitter=0.0, clock=clock, monotonic=clock)
     assert await d.dispatch_due() == 1
     await d.drain()
     assert await outbox.next_due_at("i") == 40.0  # max(5, Retry-After 40)
@@ -127,3 +129,172 @@ async def test_a_redirect_is_not_followed_but_retried_with_its_target(outbox, re
     assert summary.state == "pending" and len(receiver.requests) == 1
     assert "HTTP 308 redirect to https://app.example/api/comfy-callback" in summary.last_error
     assert "COURIER_CALLBACK_URL" in summary.last_error
+
+
+# -- issue 15 (4): every path through a delivery advances its schedule ---------------------
+
+
+@pytest.mark.parametrize("value", [
+    "²", "٣", "1²", "1.5", "-1", "+5", "1e3", "0x10", "", " ", "soon",
+    "wed, 21 Oct 2015 07:28:00 GMT",  # HTTP-date is case-sensitive
+    "Wed, 21 Oct 2015 07:28:00 +0000",  # only GMT
+    "Wed, 31 Feb 2015 07:28:00 GMT",  # no such day
+    "Wed, 21 Oct 2015 07:28:00 GMT junk",
+])
+def test_retry_after_that_is_neither_delay_seconds_nor_an_http_date_is_ignored(value):
+    # "²".isdigit() is True but float("²") raises: the old parser sent again at once
+    assert parse_retry_after(value, 0.0) is None
+
+
+def test_retry_after_takes_ascii_delay_seconds_and_every_http_date_form():
+    assert parse_retry_after(" 120\t", 0) == 120
+    assert parse_retry_after("0", 0) == 0
+    assert parse_retry_after("9" * 40, 0) == 2**31  # too large to represent: 2^31 (RFC 9111)
+    now = 1445412470.0  # 10 s before Wed, 21 Oct 2015 07:28:00 GMT
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now) == 10  # IMF-fixdate
+    assert parse_retry_after("Wednesday, 21-Oct-15 07:28:00 GMT", now) == 10  # RFC 850
+    assert parse_retry_after("Wed Oct 21 07:28:00 2015", now) == 10  # asctime
+    assert parse_retry_after("Sun Nov  6 08:49:37 1994", now) == 0  # in the past: now
+
+
+async def test_an_unusable_retry_after_is_a_counted_retry_not_an_immediate_resend(
+        outbox, receiver, deliverers):
+    clock = Clock()
+    receiver.script = [(503, {"Retry-After": "²"}, 0.0)]
+    d = deliverers(outbox, "i", receiver.url, None, (), schedule=(0, 5), jitter=0.0,
+                   clock=clock, monotonic=clock)
+    await d.dispatch_due()
+    await d.drain()
+    summary = await outbox.callback_summary("d1", 1)
+    assert summary.state == "pending" and summary.attempts == 1
+    assert await outbox.next_due_at("i") == 5.0  # the schedule, the header ignored
+    assert await d.dispatch_due() == 0  # not due again before then
+    assert len(receiver.requests) == 1
+
+
+def refuse_writes(monkeypatch, states=("pending", "delivered", "dead")):
+    """Journal.record_delivery fails, as on a full disk, for outcomes in `states`."""
+    real = Journal.record_delivery
+
+    def record_delivery(self, event_id, state, *args):
+        if state in states:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, event_id, state, *args)
+
+    monkeypatch.setattr(Journal, "record_delivery", record_delivery)
+    return lambda: monkeypatch.setattr(Journal, "record_delivery", real)
+
+
+async def test_a_try_the_store_cannot_record_is_held_counted_and_dead_lettered(
+        outbox, receiver, deliverers, monkeypatch):
+    clock = Clock()
+    receiver.script = [(503, {}, 0.0)] * 3
+    restore = refuse_writes(monkeypatch)
+    d = deliverers(outbox, "i", receiver.url, None, (), schedule=(0, 5, 30), horizon=60,
+                   jitter=0.0, clock=clock, monotonic=clock)
+    assert await d.dispatch_due() == 1
+    await d.drain()
+    for _ in range(5):  # the row still says "due now": the old deliverer re-sent each time
+        assert await d.dispatch_due() == 0
+        await d.drain()
+    assert len(receiver.requests) == 1
+    assert 4.9 < await d._pass() <= 5.0  # the loop sleeps until then, no tight loop
+
+    clock.now = 5.0  # the held schedule's next try
+    assert await d.dispatch_due() == 1
+    await d.drain()
+    assert len(receiver.requests) == 2
+    restore()
+    clock.now = 35.0
+    await d.dispatch_due()
+    await d.drain()
+    summary = await outbox.callback_summary("d1", 1)
+    # tries 1 and 2 were counted in memory; 35 s old + 30 s to the next > the 60 s horizon
+    assert (summary.state, summary.attempts) == ("dead", 3)
+    assert "gave up after 3 tries" in summary.last_error
+    assert len(receiver.requests) == 3
+
+
+async def test_a_delivered_try_the_store_cannot_record_is_not_sent_again_and_recorded_later(
+        outbox, receiver, deliverers, monkeypatch):
+    clock = Clock()
+    restore = refuse_writes(monkeypatch, states=("delivered",))
+    d = deliverers(outbox, "i", receiver.url, None, (), jitter=0.0, clock=clock,
+                   monotonic=clock)
+    await d.dispatch_due()
+    await d.drain()
+    for step in (0.0, 0.5, 1.0, 2.0):  # refused again at 1 s; next write at 3 s
+        clock.now = step
+        assert await d.dispatch_due() == 0
+        await d.drain()
+    assert (await outbox.callback_summary("d1", 1)).state == "pending"
+    restore()
+    clock.now = 3.0
+    await d.dispatch_due()
+    await d.drain()
+    summary = await outbox.callback_summary("d1", 1)
+    assert (summary.state, summary.attempts) == ("delivered", 1)
+    assert len(receiver.requests) == 1
+
+
+# -- issue 15 (7): the schedule and horizon are durations of this process ----------------
+
+
+class Clocks:
+    """A wall clock that can step, and a monotonic clock that cannot."""
+
+    def __init__(self, wall=10_000.0):
+        self.wall, self.mono = wall, 0.0
+
+    def advance(self, seconds):
+        self.wall += seconds
+        self.mono += seconds
+
+
+async def test_a_wall_clock_step_forward_dead_letters_nothing_early(outbox, receiver,
+                                                                   deliverers):
+    clocks = Clocks(wall=0.0)
+    receiver.script = [(503, {}, 0.0)] * 2
+    d = deliverers(outbox, "i", receiver.url, None, (), schedule=(0, 5, 30), horizon=3600,
+                   jitter=0.0, clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    await d.dispatch_due()
+    await d.drain()
+    clocks.advance(5)
+    clocks.wall += 86400  # NTP corrects a clock a day slow
+    await d.dispatch_due()
+    await d.drain()
+    summary = await outbox.callback_summary("d1", 1)
+    # 5 s old by this process's clock, not a day: retried, not dead
+    assert (summary.state, summary.attempts) == ("pending", 2)
+
+
+async def test_a_wall_clock_step_back_does_not_delay_a_scheduled_try(outbox, receiver,
+                                                                    deliverers):
+    clocks = Clocks()
+    receiver.script = [(503, {}, 0.0)]
+    d = deliverers(outbox, "i", receiver.url, None, (), schedule=(0, 5), jitter=0.0,
+                   clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    await d.dispatch_due()
+    await d.drain()
+    assert await outbox.next_due_at("i") == 10_005.0
+    clocks.advance(5)
+    clocks.wall -= 3600  # a clock an hour fast is corrected
+    assert await d.dispatch_due() == 1  # due by this process's clock; the row says in 1 h
+    await d.drain()
+    assert (await outbox.callback_summary("d1", 1)).state == "delivered"
+
+
+# -- issue 15 (8): a send waiting for a slot is not made once superseded ------------------
+
+
+async def test_a_send_waiting_for_a_slot_is_not_made_once_a_newer_attempt_drops_it(
+        outbox, receiver, deliverers):
+    d = deliverers(outbox, "i", receiver.url, None, (), concurrency=1, clock=Clock())
+    await d._slots.acquire()  # the only slot is busy (a slow receiver)
+    assert d.deliver_now(OutboxEvent("msg_d1", "d1", 1, b'{"a":1}', 0, 0.0))
+    # attempt 2 is accepted meanwhile: its commit drops attempt 1's undelivered event
+    await outbox.runner(Journal.insert, Job("d1", 2, "p2", "i", "{}", "f", created_at=1.0))
+    d._slots.release()
+    await d.drain()
+    assert receiver.requests == []
+    assert (await outbox.callback_summary("d1", 1)).state == "dropped"

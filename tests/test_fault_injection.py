@@ -4,11 +4,16 @@ final event (one webhook-id), delivered at least once once the receiver is reach
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections import defaultdict
 
 import pytest
 
-from conftest import SERVICE_KEY, model_free
+from comfy_courier.executor.errors import StoreError
+
+from conftest import API_KEY, SERVICE_KEY, model_free
 
 
 def events_by_attempt(receiver) -> dict[tuple[str, int], set[str]]:
@@ -233,3 +238,156 @@ async def test_a_dead_comfy_worker_ends_queued_jobs_as_lost(make_harness, receiv
     await h.settle()
     [body] = receiver.bodies("dead1")
     assert body["error_type"] == "lost" and "worker" in body["error_message"]
+
+
+# -- issue 15: nothing lost, round 2 -----------------------------------------------------
+
+
+async def wait_for_metric(h, line: str, tries: int = 500) -> str:
+    """The metrics text once it has `line` (the counter is bumped by a background task)."""
+    for _ in range(tries):
+        resp = await h.client.get("/courier/metrics", headers={"X-API-Key": API_KEY})
+        text = await resp.text()
+        if line in text.splitlines():
+            return text
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{line!r} not in metrics:\n{text}")
+
+
+async def callback_state(h, cid: str, state: str, tries: int = 1000) -> dict:
+    for _ in range(tries):
+        body = await h.status(cid)
+        if body["callback"]["state"] == state:
+            return body["callback"]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"callback of {cid} never {state}: {body['callback']}")
+
+
+async def test_a_delivery_the_journal_cannot_record_is_not_resent_in_a_tight_loop(
+        make_harness, receiver, monkeypatch):
+    # (4) the disk is full when the receiver's 200 is to be recorded: the old deliverer
+    # found the row still due and sent it again at once, hundreds of times a second
+    import sqlite3
+
+    from comfy_courier.executor.store.sqlite.journal import Journal
+
+    real = Journal.record_delivery
+    refused: list[str] = []
+
+    def record_delivery(self, event_id, state, *args):
+        if state == "delivered" and len(refused) < 1:
+            refused.append(event_id)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, event_id, state, *args)
+
+    monkeypatch.setattr(Journal, "record_delivery", record_delivery)
+    h = await make_harness(journal_thread=True)
+    await h.post(model_free(), "full1")
+    await receiver.wait_for(1)
+    for _ in range(5):
+        await h.settle()
+    assert len(receiver.requests) == 1, "sent again although the receiver had it"
+    # the refused outcome is written again a second later, without another send
+    callback = await callback_state(h, "full1", "delivered")
+    assert callback["attempts"] == 1 and refused and len(receiver.requests) == 1
+
+
+async def test_an_unusable_retry_after_does_not_resend_at_once(make_harness, receiver):
+    # (4) "²".isdigit() is True and float("²") raises: the old deliverer re-sent at once
+    h = await make_harness(schedule=(0, 3600))
+    receiver.script = [(503, {"Retry-After": "²"}, 0.0)] * 50
+    await h.post(model_free(), "sq1")
+    await receiver.wait_for(1)
+    for _ in range(5):
+        await h.settle()
+    assert len(receiver.requests) == 1
+    callback = (await h.status("sq1"))["callback"]
+    assert callback == {"state": "pending", "attempts": 1, "last_error": "HTTP 503"}
+
+
+async def test_a_lost_journal_answer_at_a_jobs_end_still_calls_back_within_seconds(
+        make_harness, receiver, monkeypatch):
+    # (5) the final state and its event are committed, the answer is lost: the retry finds
+    # the job final and sends nothing; the old deliverer slept until its next due time
+    # (an hour when idle)
+    import sqlite3
+
+    from comfy_courier.executor import settle as settle_module
+    from comfy_courier.executor.store.sqlite.journal import Journal
+
+    monkeypatch.setattr(settle_module, "JOURNAL_RETRY", (0.01, 0.01))
+    real_finish, calls = Journal.finish, []
+
+    def finish_then_lose_the_answer(self, job, event):
+        calls.append(job.state)
+        written = real_finish(self, job, event)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return written
+
+    monkeypatch.setattr(Journal, "finish", finish_then_lose_the_answer)
+    h = await make_harness(journal_thread=True)
+    await h.post(model_free(), "lost1")
+    assert (await h.wait_final("lost1"))["state"] == "success"
+    await receiver.wait_for(1, timeout=10)
+    await h.settle()
+    assert [b["status"] for b in receiver.bodies("lost1")] == ["success"]
+    assert len(calls) == 2  # the retry found it written
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP/SIGKILL are POSIX")
+async def test_a_journal_process_lost_mid_call_makes_the_deliverer_look_again(
+        make_harness, receiver):
+    # (5) Courier.journal_lost: an event the journal committed but never confirmed is due
+    # and nothing else tells the deliverer, which sleeps until its next known time (1 h)
+    h = await make_harness(schedule=(0, 3600))
+    receiver.script = [(503, {}, 0.0)]
+    await h.post(model_free(), "jl2")
+    await receiver.wait_for(1)
+    await h.settle()
+    db = h.courier.store.runner
+    quiet = 0
+    while quiet < 60:  # no journal call for 0.3 s: the deliverer sleeps its hour
+        quiet = quiet + 1 if not db._inflight else 0
+        await asyncio.sleep(0.005)
+    h.journal_sql("UPDATE outbox SET next_attempt_at = 0")  # due now, and nobody says so
+    os.kill(db.pid, signal.SIGSTOP)
+    call = asyncio.ensure_future(h.courier.store.latest("jl2"))
+    for _ in range(1000):
+        if db._inflight:
+            break
+        await asyncio.sleep(0.001)
+    os.kill(db.pid, signal.SIGKILL)
+    with pytest.raises(StoreError):
+        await call
+    await receiver.wait_for(2, timeout=10)
+    await h.settle()
+    assert [b["status"] for b in receiver.bodies("jl2")] == ["success", "success"]
+    assert (await h.status("jl2"))["callback"]["state"] == "delivered"
+
+
+async def test_a_superseded_callback_waiting_for_a_slot_is_never_sent_and_is_counted(
+        make_harness, receiver):
+    # (8) attempt 1's error waits for a delivery slot; attempt 2 is accepted meanwhile:
+    # attempt 1's callback must not go out after that, and the metric and log say so
+    h = await make_harness(start_worker=False)
+    slots = h.courier.deliverer._slots
+    taken = 0
+    while not slots.locked():  # every slot busy, as with a slow receiver
+        await slots.acquire()
+        taken += 1
+    await h.post(model_free(), "sup1")
+    resp = await h.client.delete("/execute-workflow/sup1", headers={"X-API-Key": API_KEY})
+    assert resp.status == 202
+    assert (await h.wait_final("sup1"))["error_type"] == "cancelled"
+    status, body = await h.post(model_free(), "sup1")
+    assert status == 202 and body["attempt"] == 2
+    h.comfy.start(asyncio.get_running_loop())
+    final = await h.wait_final("sup1")
+    assert (final["state"], final["attempt"]) == ("success", 2)
+    await wait_for_metric(h, "courier_callbacks_superseded_total 1.0")
+    for _ in range(taken):
+        slots.release()
+    await receiver.wait_for(1)
+    await h.settle()
+    assert [(b["attempt"], b["status"]) for b in receiver.bodies("sup1")] == [(2, "success")]

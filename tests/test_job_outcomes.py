@@ -386,5 +386,7 @@ def test_job_prefix_puts_the_id_folder_before_the_file_name():
 
     assert job_prefix("social", "abc") == os.path.join("abc", "social")
     assert job_prefix("a/b/social", "abc") == os.path.join("a", "b", "abc", "social")
-    assert job_prefix("social", "nul") == os.path.join("nul_", "social")  # Windows: no NUL/
-    assert job_prefix("social", "COM1") == os.path.join("COM1_", "social")
+    assert job_prefix("social", "nul") == os.path.join("nul_.r", "social")  # Windows: no NUL/
+    assert job_prefix("social", "COM1") == os.path.join("com1_.r7", "social")
+    assert job_prefix("social", "lpt0") == os.path.join("lpt0_.r", "social")  # Windows 11
+    assert job_prefix("social", "Job1") != job_prefix("social", "job1")  # on any disk

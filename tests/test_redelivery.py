@@ -114,7 +114,7 @@ async def test_401_is_retried_to_the_horizon_then_redelivered_with_its_webhook_i
     await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, b'{"a":1}', 0, 0.0))
     store = SqliteStore(db)
     deliverer = Deliverer(store, "i", receiver.url, "k", (), schedule=(0, 5, 30), horizon=60,
-                          jitter=0.0, clock=clock)
+                          jitter=0.0, clock=clock, monotonic=clock)
     try:
         receiver.script = [(401, {}, 0.0)] * 3
         for now in (0.0, 5.0, 35.0):  # tries at 0, 5 and 35 s; the next (65 s) is past 60 s

@@ -298,8 +298,10 @@ def test_health_passes(through, path):
 async def test_local_storage_urls_pass_and_nothing_else_of_view(through, tmp_path):
     client, recorder = through
     storage = LocalStorage(tmp_path, lambda: "https://comfy.example.com")
-    urls = [await storage.put(f"job-{ext}/1-{n}.{ext}", b"x", "image/png")
-            for n, ext in enumerate(["png", "webp", "jpg"], start=1)]
+    urls = [await storage.put(f"{cid}/1-{n}.{ext}", b"x", "image/png")
+            for n, (cid, ext) in enumerate([("job-png", "png"), ("job-webp", "webp"),
+                                             ("Job-JPG", "jpg"), ("CON", "png"),
+                                             ("nul", "jpg")], start=1)]
     for url in urls:  # the URLs the courier hands out, exactly
         target = url.removeprefix("https://comfy.example.com")
         assert client.get(target).status_code == 200, target
@@ -311,6 +313,9 @@ async def test_local_storage_urls_pass_and_nothing_else_of_view(through, tmp_pat
         "/view?filename=1-1.png&subfolder=courier%2Fjob&type=temp",
         "/view?filename=1-1.png&subfolder=courier%2F..%2F..&type=output",
         "/view?filename=1-1.png&subfolder=courier%2Fui%2Fsome-prompt&type=output",
+        "/view?filename=1-1.png&subfolder=courier%2Fjob.&type=output",
+        "/view?filename=1-1.png&subfolder=courier%2Fjob.zz&type=output",
+        "/view?filename=1-1.png&subfolder=courier%2Fjob.1.2&type=output",
         "/view?filename=..%2F..%2Fuser%2Fcomfy.db&subfolder=courier%2Fjob&type=output",
         "/view?FILENAME=1-1.png&filename=x.png&subfolder=courier%2Fjob&type=output",
         "/view?filename=1-1.png&subfolder=courier%2Fjob&type=output&type=input",

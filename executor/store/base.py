@@ -54,6 +54,10 @@ class Store(Protocol):
     on_lost: Callable[[], None] | None
     """Told when calls were lost in flight (written or not): the courier rescans."""
 
+    on_failure: Callable[[], None] | None
+    """Told after any call failed (written or not): the deliverer reads the outbox again
+    soon, since what such a call committed may be due and nothing else will say so."""
+
     def claim_instance(self, name: str) -> bool:
         """Hold the instance name for this process's life; False if a live one holds it."""
         ...

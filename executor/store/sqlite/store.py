@@ -8,6 +8,7 @@ go through a group commit: a burst of requests costs one transaction.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,8 @@ from ..group_commit import GroupCommit
 from .journal import Journal
 from .runner import JournalRunner
 
+log = logging.getLogger(__name__)
+
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -35,6 +38,7 @@ class SqliteStore:
         self.runner = runner
         self.path = path
         self._admit: GroupCommit[Job, Job | int] = GroupCommit(runner, Journal.admit)
+        self.on_failure: Callable[[], None] | None = None
         self._instance_lock: IO[str] | None = None
 
     def claim_instance(self, name: str) -> bool:
@@ -77,7 +81,19 @@ class SqliteStore:
         try:
             return await self.runner(fn, *args, **kwargs)
         except sqlite3.Error as e:
+            self._failed()
             raise StoreError(f"journal: {e}") from e
+
+    def _failed(self, future: asyncio.Future[Any] | None = None) -> None:
+        """Tell `on_failure` (for a future: once it ended with a journal error)."""
+        if future is not None:
+            if future.cancelled() or not isinstance(future.exception(), sqlite3.Error):
+                return
+        if self.on_failure is not None:
+            try:
+                self.on_failure()
+            except Exception:
+                log.exception("[courier] on_failure hook failed")
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -87,6 +103,7 @@ class SqliteStore:
         try:
             return await self._admit(job, then, after)
         except sqlite3.Error as e:
+            self._failed()
             raise StoreError(f"journal: {e}") from e
 
     async def latest(self, content_request_id: str) -> Job | None:
@@ -129,7 +146,9 @@ class SqliteStore:
     # -- images -------------------------------------------------------------------------
 
     def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[bool]:
-        return self.runner.submit(Journal.record_image, job, seq, output)
+        future = self.runner.submit(Journal.record_image, job, seq, output)
+        future.add_done_callback(self._failed)
+        return future
 
     async def images(self, content_request_id: str, attempt: int) -> list[tuple[int, Output]]:
         return await self._call(Journal.images, content_request_id, attempt)
