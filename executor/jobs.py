@@ -111,9 +111,9 @@ class Job:
 
 
 def object_key(job: Job, seq: int, extension: str) -> str:
-    """`<id>/<attempt>-<n>.<ext>`; a run after a takeover writes `<id>/<attempt>.<epoch>-<n>`,
+    """`<id>/<attempt>-<n>.<ext>`; a run after a takeover writes `<id>/<attempt>_<epoch>-<n>`,
     so a fenced run's late uploads never overwrite what the current run delivers."""
-    run = f"{job.attempt}" if job.epoch == 1 else f"{job.attempt}.{job.epoch}"
+    run = f"{job.attempt}" if job.epoch == 1 else f"{job.attempt}_{job.epoch}"
     return f"{job.content_request_id}/{run}-{seq}.{extension}"
 
 

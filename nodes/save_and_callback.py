@@ -20,19 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from ..executor.images import FORMATS, encode, to_uint8_batch
-from ..executor.storage.local import local_name
+from ..executor.storage.local import SUBFOLDER, local_name
 from ..wiring import current_runtime
 
 log = logging.getLogger(__name__)
 
 
 def job_prefix(filename_prefix: str, content_request_id: str) -> str:
-    """`filename_prefix` with the job's own folder before its file name part."""
+    """A job's files go to `courier/<id folder>/<filename_prefix>`: with local storage they
+    are what the URL serves, in the one folder a reverse proxy lets through (deploy/)."""
     # the id as local storage names it: a folder of its own on any file system, also for
     # ids that differ only in case, and never a name Windows refuses (`Job1` -> `job1.1`)
     folder = local_name(content_request_id)
-    head, name = os.path.split(os.path.normpath(filename_prefix))
-    return os.path.join(head, folder, name)
+    prefix = os.path.normpath(filename_prefix)
+    if os.path.isabs(prefix) or prefix.split(os.sep)[0] == "..":
+        return filename_prefix  # leaves the output folder: ComfyUI refuses it, as for SaveImage
+    return os.path.join(SUBFOLDER, folder, prefix)
 
 
 class SaveAndCallback:

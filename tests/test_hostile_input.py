@@ -420,7 +420,7 @@ async def test_filename_prefix_cannot_escape_the_output_folder(make_harness, tmp
     assert sorted(callbacks) == sorted(f"fp-{name}" for name in cases)  # one each, no more
     assert files_outside(root, output) == before
     assert not absolute.parent.exists()
-    pattern = "fine_*" if node == "SaveImage" else "fp-normalised/fine_*"
+    pattern = "fine_*" if node == "SaveImage" else "courier/fp-normalised/fine_*"
     assert any(output.glob(pattern))
 
 

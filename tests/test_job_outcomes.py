@@ -55,7 +55,8 @@ async def test_success_callback_shape_on_both_queue_shapes(make_harness, tmp_pat
     # local storage serves the node's own file through /view: no copy under courier/
     query = parse_qs(urlsplit(body["image_url"]).query)
     stored = tmp_path / "comfy" / "output" / query["subfolder"][0] / query["filename"][0]
-    assert stored.exists() and not (tmp_path / "comfy" / "output" / "courier").exists()
+    output = tmp_path / "comfy" / "output"
+    assert stored.exists() and [p for p in output.rglob("*") if p.is_file()] == [stored]
     assert image_metadata(stored.read_bytes()) == {}
     assert h.comfy.worker_alive, "the queue item shape must not kill ComfyUI's worker"
     history = h.comfy.prompt_queue.get_history(accepted["prompt_id"])[accepted["prompt_id"]]
@@ -377,16 +378,18 @@ async def test_each_job_saves_into_a_folder_of_its_own(make_harness):
     await h.post(model_free("shots/social"), "own-folder")
     assert (await h.wait_final("own-folder"))["state"] == "success"
     output = Path(h.comfy.folder_paths.get_output_directory())
-    saved = [p.name for p in (output / "shots" / "own-folder").iterdir()]
+    saved = [p.name for p in (output / "courier" / "own-folder" / "shots").iterdir()]
     assert saved == ["social_00001_.jpg"]
 
 
 def test_job_prefix_puts_the_id_folder_before_the_file_name():
     from comfy_courier.nodes.save_and_callback import job_prefix
 
-    assert job_prefix("social", "abc") == os.path.join("abc", "social")
-    assert job_prefix("a/b/social", "abc") == os.path.join("a", "b", "abc", "social")
-    assert job_prefix("social", "nul") == os.path.join("nul_.r", "social")  # Windows: no NUL/
-    assert job_prefix("social", "COM1") == os.path.join("com1_.r7", "social")
-    assert job_prefix("social", "lpt0") == os.path.join("lpt0_.r", "social")  # Windows 11
+    # under courier/: with local storage the node's own file is what the URL serves
+    assert job_prefix("social", "abc") == os.path.join("courier", "abc", "social")
+    assert job_prefix("a/b/social", "abc") == os.path.join("courier", "abc", "a", "b", "social")
+    assert job_prefix("../../social", "abc") == "../../social"  # ComfyUI refuses it
+    assert job_prefix("social", "nul") == os.path.join("courier", "nul_.r", "social")  # no NUL/
+    assert job_prefix("social", "COM1") == os.path.join("courier", "com1_.r7", "social")
+    assert job_prefix("social", "lpt0") == os.path.join("courier", "lpt0_.r", "social")
     assert job_prefix("social", "Job1") != job_prefix("social", "job1")  # on any disk

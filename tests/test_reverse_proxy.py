@@ -28,6 +28,7 @@ import pytest
 
 from comfy_courier.executor.settings import Settings
 from comfy_courier.executor.storage.local import LocalStorage
+from comfy_courier.nodes.save_and_callback import job_prefix
 
 from conftest import API_KEY, model_free
 
@@ -302,6 +303,11 @@ async def test_local_storage_urls_pass_and_nothing_else_of_view(through, tmp_pat
             for n, (cid, ext) in enumerate([("job-png", "png"), ("job-webp", "webp"),
                                              ("Job-JPG", "jpg"), ("CON", "png"),
                                              ("nul", "jpg")], start=1)]
+    urls.append(await storage.put("job-png/1_2-1.png", b"x", "image/png"))  # a takeover's run
+    for prefix in ("social", "a/b/social"):  # the node's own files (nodes/ job_prefix)
+        saved = tmp_path / job_prefix(prefix, "Job-JPG") / ".."
+        node_file = saved.resolve() / f"{Path(prefix).name}_00001_.jpg"
+        urls.append(storage.url_of_file(node_file))
     for url in urls:  # the URLs the courier hands out, exactly
         target = url.removeprefix("https://comfy.example.com")
         assert client.get(target).status_code == 200, target

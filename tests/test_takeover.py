@@ -68,7 +68,7 @@ async def test_a_stalled_instance_is_taken_over_and_fenced(make_harness, receive
                                          base=tmp_path / "b", port=8191)
             [body] = [r.json for r in await receiver.wait_for(1, timeout=30)]
             assert body["status"] == "success"
-            assert body["image_url"].endswith("/stall1/1.2-1.jpg")  # the takeover's own key
+            assert body["image_url"].endswith("/stall1/1_2-1.jpg")  # the takeover's own key
             delivered = dict(storage_server.state.objects)
 
             os.kill(stalled.pid, signal.SIGCONT)
@@ -82,7 +82,7 @@ async def test_a_stalled_instance_is_taken_over_and_fenced(make_harness, receive
             for key, stored in delivered.items():
                 assert storage_server.state.objects[key] == stored
             uploads = [u.path for u in storage_server.state.uploads]
-            assert uploads.count("stall1/1.2-1.jpg") == 1
+            assert uploads.count("stall1/1_2-1.jpg") == 1
             status = (await a.get("/execute-workflow/stall1")).json()
             assert status["state"] == "success" and status["image_url"] == body["image_url"]
     finally:
