@@ -299,11 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--accept-bad", action="store_true", help="answer 200 even when a check fails"
     )
+    commands.add_parser(
+        "openapi",
+        help="print the OpenAPI 3.1 document of the routes and callbacks",
+        description="Print the OpenAPI 3.1 document that GET /courier/openapi.json serves "
+        "(for code generators; clients/typescript/openapi.json is this output).",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "openapi":
+        from .openapi import document
+
+        print(json.dumps(document(), indent=2))
+        return EXIT_OK
     runner = run_submit if args.command == "submit" else run_listen
     try:
         return asyncio.run(runner(args))
