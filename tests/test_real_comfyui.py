@@ -299,3 +299,16 @@ async def test_progress_updates_from_a_real_sampler(tmp_path, receiver):
         assert any(p and p > 0 for p in progress), statuses
     finally:
         stop(comfy)
+
+
+async def test_openapi_document_is_served_under_both_paths(real_comfy):
+    from comfy_courier.openapi import PATH, document
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        for path in (PATH, "/api" + PATH):
+            resp = await client.get(real_comfy.url + path)  # no key
+            assert resp.status_code == 200, path
+            assert resp.headers["content-type"].startswith("application/json")
+            assert resp.json() == document()
+            for secret in (API_KEY, CALLBACK_KEY):
+                assert secret not in resp.text
