@@ -324,7 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--accept-bad", action="store_true", help="answer 200 even when a check fails"
     )
     admin.add_commands(commands, DEFAULT_URL)
+    openapi = commands.add_parser(
+        "openapi",
+        help="print the OpenAPI 3.1 document of the routes and callbacks",
+        description="Print the OpenAPI 3.1 document that GET /courier/openapi.json serves "
+        "(for code generators; clients/typescript/openapi.json is this output).",
+    )
+    openapi.set_defaults(run=run_openapi)
     return parser
+
+
+async def run_openapi(args: argparse.Namespace) -> int:
+    from .openapi import document
+
+    print(json.dumps(document(), indent=2))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +29,8 @@ from .executor.errors import (
 from .executor.intake import check_id, parse_request
 from .executor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .executor.settings import Settings
+from .openapi import PATH as OPENAPI_PATH
+from .openapi import document as openapi_document
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +199,13 @@ def add_routes(
         body = await courier.health()
         body["inbound_key_configured"] = bool(settings.api_keys)
         return web.json_response(body)
+
+    openapi_text = json.dumps(openapi_document(), indent=1)
+
+    @routes.get(OPENAPI_PATH)
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        """The OpenAPI 3.1 description of these routes and the callbacks; no key, no secrets."""
+        return web.Response(text=openapi_text, content_type="application/json")
 
 
 def _path_id(request: web.Request) -> str:

@@ -22,6 +22,7 @@ from comfy_courier.executor.settings import Settings
 from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.routes import add_routes
 
+from conformance import Conformance
 from fakes.storage_server import FakeStorage, start_storage_server
 from standin.comfy import StandinComfy
 
@@ -62,9 +63,12 @@ class Receiver:
     requests: list[Received] = field(default_factory=list)
     script: list[tuple[int, dict[str, str], float]] = field(default_factory=list)
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # every callback and status update is checked against the OpenAPI document's webhooks
+    conformance: Conformance = field(default_factory=Conformance)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        self.conformance.check_webhook(request.headers, body)
         status, headers, delay = self.script.pop(0) if self.script else (200, {}, 0.0)
         # Recorded on arrival: a request whose answer comes too late still reached us.
         self.requests.append(Received(CIMultiDict(request.headers), body))
@@ -95,6 +99,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     recv.url = str(server.make_url("/callback"))
     yield recv
     await server.close()
+    assert not recv.conformance.violations, "callbacks that break the OpenAPI document"
 
 
 # -- storage ---------------------------------------------------------------------------
@@ -125,6 +130,7 @@ class Harness:
     client: TestClient
     settings: Settings
     receiver: Receiver | None
+    conformance: Conformance
 
     async def post(self, workflow: Any, cid: str, key: str | None = API_KEY,
                    path: str = "/execute-workflow") -> tuple[int, Any]:
@@ -190,6 +196,7 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
     journal_thread=True: a test that patches `Journal` needs the journal in this process.
     """
     made: list[Harness] = []
+    conformance = Conformance()  # every answer of every harness, against the OpenAPI document
 
     async def make(env: dict[str, str] | None = None, version: str = "0.3.64",
                    schedule: tuple[float, ...] = (0, 0.05, 0.1), with_receiver: bool = True,
@@ -217,12 +224,15 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
             courier.store.release_instance()
 
         comfy.stop = die  # type: ignore[method-assign]
-        client = TestClient(TestServer(comfy.make_app(), host="127.0.0.1"))
+        app = comfy.make_app()
+        app.middlewares.append(conformance.middleware)
+        client = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         if start_worker:
             comfy.start(loop)
         await courier.start()
-        harness = Harness(comfy, courier, client, settings, receiver if with_receiver else None)
+        harness = Harness(comfy, courier, client, settings, receiver if with_receiver else None,
+                          conformance)
         made.append(harness)
         return harness
 
@@ -233,3 +243,4 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
         await harness.client.close()
         await harness.courier.store.aclose()
     wiring._runtime = None
+    assert not conformance.violations, "answers that break the OpenAPI document"

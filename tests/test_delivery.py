@@ -1,5 +1,6 @@
 """The deliverer against a real loopback receiver: outcomes, schedule, headers."""
 
+import json
 import sqlite3
 
 import pytest
@@ -12,7 +13,7 @@ from comfy_courier.executor.delivery import (
     classify,
     parse_retry_after,
 )
-from comfy_courier.executor.jobs import Job, JobState
+from comfy_courier.executor.jobs import Job, JobState, callback_body
 from comfy_courier.executor.store import OutboxEvent
 from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.executor.store.sqlite.store import SqliteStore
@@ -34,6 +35,11 @@ def test_retry_after_seconds_and_dates():
     assert parse_retry_after("soon", 0) is None
 
 
+# a real final callback body: the receiver checks what it gets against the OpenAPI document
+BODY = json.dumps(callback_body(Job("d1", 1, "p1", "i", "{}", "f", state=JobState.SUCCESS,
+                                    created_at=0.0))).encode()
+
+
 @pytest.fixture
 async def outbox(tmp_path):
     db = JournalThread(lambda: Journal(tmp_path / "d.sqlite3"))
@@ -41,7 +47,7 @@ async def outbox(tmp_path):
     job = Job("d1", 1, "p1", "i", "{}", "f", created_at=0.0)
     await db(Journal.insert, job)
     job.state, job.finished_at = JobState.SUCCESS, 0.0
-    await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, b'{"a":1}', 0, 0.0))
+    await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, BODY, 0, 0.0))
     yield store
     db.close()
 
@@ -108,7 +114,7 @@ async def test_unreachable_receiver_is_retried(outbox, deliverers):
 
 async def test_a_fresh_event_is_sent_at_once_and_only_once(outbox, receiver, deliverers):
     d = deliverers(outbox, "i", receiver.url, None, (), jitter=0.0, clock=Clock())
-    event = OutboxEvent("msg_d1", "d1", 1, b'{"a":1}', 0, 0.0)
+    event = OutboxEvent("msg_d1", "d1", 1, BODY, 0, 0.0)
     assert d.deliver_now(event) is True
     assert d.deliver_now(event) is False  # already in flight
     assert await d.dispatch_due() == 0  # the outbox pass skips it too
@@ -291,7 +297,7 @@ async def test_a_send_waiting_for_a_slot_is_not_made_once_a_newer_attempt_drops_
         outbox, receiver, deliverers):
     d = deliverers(outbox, "i", receiver.url, None, (), concurrency=1, clock=Clock())
     await d._slots.acquire()  # the only slot is busy (a slow receiver)
-    assert d.deliver_now(OutboxEvent("msg_d1", "d1", 1, b'{"a":1}', 0, 0.0))
+    assert d.deliver_now(OutboxEvent("msg_d1", "d1", 1, BODY, 0, 0.0))
     # attempt 2 is accepted meanwhile: its commit drops attempt 1's undelivered event
     await outbox.runner(Journal.insert, Job("d1", 2, "p2", "i", "{}", "f", created_at=1.0))
     d._slots.release()

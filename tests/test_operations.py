@@ -25,7 +25,9 @@ async def test_status_updates_queued_running_progress_never_after_final(make_har
     assert statuses.count("success") == 1
     progress = [b["progress"] for b in bodies if b["status"] == "running"]
     assert progress == sorted(progress) and 0 < max(progress) <= 1
-    assert len(progress) <= 0.6 / 0.05 + 3, "throttled"
+    # at most one update per interval while it ran (a loaded machine runs it longer)
+    ran = bodies[-1]["timings"]["execution_ms"] / 1000
+    assert len(progress) <= ran / 0.05 + 3, "throttled"
     for request in receiver.requests:
         assert request.headers["X-API-Key"] == CALLBACK_KEY
         assert request.headers["webhook-id"]

@@ -406,3 +406,16 @@ async def test_a_prompt_queued_under_a_jobs_id_is_not_delivered_as_the_job(real_
                 sizes.append(saved.size)
         assert sorted(sizes) == [(32, 32), (64, 48)]
         assert "belong to no running courier job" in real_comfy.log.read_text()
+
+
+async def test_openapi_document_is_served_under_both_paths(real_comfy):
+    from comfy_courier.openapi import PATH, document
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        for path in (PATH, "/api" + PATH):
+            resp = await client.get(real_comfy.url + path)  # no key
+            assert resp.status_code == 200, path
+            assert resp.headers["content-type"].startswith("application/json")
+            assert resp.json() == document()
+            for secret in (API_KEY, CALLBACK_KEY):
+                assert secret not in resp.text

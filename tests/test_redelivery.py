@@ -16,6 +16,7 @@ from comfy_courier.executor.store.sqlite.store import SqliteStore
 from comfy_courier.executor.store.sqlite.thread import JournalThread
 
 from conftest import API_KEY, model_free
+from test_delivery import BODY
 
 # -- the journal -----------------------------------------------------------------------
 
@@ -111,7 +112,7 @@ async def test_401_is_retried_to_the_horizon_then_redelivered_with_its_webhook_i
     job = Job("d1", 1, "p1", "i", "{}", "f", created_at=0.0)
     await db(Journal.insert, job)
     job.state, job.finished_at = JobState.SUCCESS, 0.0
-    await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, b'{"a":1}', 0, 0.0))
+    await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, BODY, 0, 0.0))
     store = SqliteStore(db)
     deliverer = Deliverer(store, "i", receiver.url, "k", (), schedule=(0, 5, 30), horizon=60,
                           jitter=0.0, clock=clock, monotonic=clock)
@@ -131,7 +132,7 @@ async def test_401_is_retried_to_the_horizon_then_redelivered_with_its_webhook_i
         await deliverer.drain()
         assert (await store.callback_summary("d1", 1)).state == "delivered"
         assert [r.headers["webhook-id"] for r in receiver.requests] == ["msg_d1"] * 4
-        assert receiver.requests[-1].body == b'{"a":1}'
+        assert receiver.requests[-1].body == BODY
     finally:
         await deliverer.close()
         db.close()

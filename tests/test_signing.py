@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from comfy_courier.executor import signing
 from comfy_courier.executor.delivery import Deliverer
-from comfy_courier.executor.jobs import Job, JobState
+from comfy_courier.executor.jobs import Job, JobState, callback_body
 from comfy_courier.executor.signing import signature_headers
 from comfy_courier.executor.store import OutboxEvent
 from comfy_courier.executor.store.sqlite.journal import Journal
@@ -156,7 +156,7 @@ async def outbox(tmp_path):
     job = Job("s1", 1, "p1", "i", "{}", "f", created_at=now)
     await db(Journal.insert, job)
     job.state, job.finished_at = JobState.SUCCESS, now
-    body = b'{"content_request_id":"s1","status":"success","image_url":null,"error_message":null}'
+    body = json.dumps(callback_body(job), separators=(",", ":")).encode()
     await db(Journal.finish, job, OutboxEvent("msg_s1", "s1", 1, body, 0, now))
     yield store
     db.close()

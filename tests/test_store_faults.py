@@ -10,13 +10,12 @@ import os
 import signal
 import sqlite3
 
-from test_fault_injection import assert_one_event_each
-
 from comfy_courier.executor import settle, uploads
 from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.executor.store.sqlite.process import JournalProcess
 
 from conftest import SERVICE_KEY, model_free
+from test_fault_injection import assert_one_event_each
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> None:

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import httpx
-from test_fault_injection import assert_one_event_each
-from test_real_comfyui import free_port
 
 from conftest import API_KEY, CALLBACK_KEY, SERVICE_KEY
+from test_fault_injection import assert_one_event_each
 from test_job_outcomes import slow_workflow
+from test_real_comfyui import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,10 +35,13 @@ export interface Rejected {
   retryAfterSeconds: number | null;
 }
 
-/** No HTTP answer (DNS, refused, reset). Whether a POST was accepted is unknown: retrying with the same id is safe. */
+/** No HTTP answer (DNS, refused, reset, timeout). Whether a POST was accepted is unknown: retrying with the same id is safe. */
 export interface Unreachable {
   kind: "unreachable";
+  /** The error and its causes, e.g. `fetch failed: connect ECONNREFUSED 10.0.0.5:8188 (ECONNREFUSED)`. */
   message: string;
+  /** The innermost error code, e.g. `ECONNREFUSED`, `ENOTFOUND`, `UND_ERR_CONNECT_TIMEOUT`; null when none was given. */
+  code: string | null;
   cause: unknown;
 }
 
@@ -112,6 +115,35 @@ async function readAnswer(response: Response): Promise<Answer> {
   return out;
 }
 
+/**
+ * What went wrong, from an error and its `cause` chain: Node's fetch rejects with a bare
+ * "fetch failed" and puts the reason (ECONNREFUSED, ENOTFOUND, a connect or headers timeout)
+ * in `cause`, sometimes an AggregateError of one failure per address tried.
+ */
+export function describeNetworkError(error: unknown): { message: string; code: string | null } {
+  const parts: string[] = [];
+  let code: string | null = null;
+  let current: unknown = error;
+  for (let depth = 0; current !== undefined && current !== null && depth < 6; depth++) {
+    if (typeof current !== "object") {
+      parts.push(String(current));
+      break;
+    }
+    const e = current as { message?: unknown; code?: unknown; cause?: unknown; errors?: unknown; name?: unknown };
+    const inner = Array.isArray(e.errors) ? (e.errors as unknown[]) : [];
+    let text = typeof e.message === "string" ? e.message.trim() : "";
+    if (!text && inner.length > 0) text = inner.map((x) => describeNetworkError(x).message).join("; ");
+    if (!text && typeof e.name === "string") text = e.name;
+    if (typeof e.code === "string" && e.code) {
+      code = e.code;
+      if (!text.includes(e.code)) text = text ? `${text} (${e.code})` : e.code;
+    }
+    if (text && parts[parts.length - 1] !== text) parts.push(text);
+    current = e.cause ?? (inner.length === 1 ? inner[0] : undefined);
+  }
+  return { message: parts.join(": ") || "network error", code };
+}
+
 const defaultSleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
 async function call(options: CourierOptions, method: string, url: string, body?: string): Promise<Answer> {
@@ -129,7 +161,7 @@ async function call(options: CourierOptions, method: string, url: string, body?:
       answer = await readAnswer(response);
     } catch (error) {
       if (options.signal?.aborted) throw error;
-      answer = { kind: "unreachable", message: error instanceof Error ? error.message : String(error), cause: error };
+      answer = { kind: "unreachable", ...describeNetworkError(error), cause: error };
     }
     if (attempt >= retries || !("kind" in answer)) return answer;
     if (answer.kind === "rejected" && !RETRYABLE_STATUS.has(answer.httpStatus)) return answer;

@@ -26,6 +26,7 @@ export {
 export {
   cancel,
   createCourierClient,
+  describeNetworkError,
   executeWorkflow,
   getStatus,
   isValidContentRequestId,

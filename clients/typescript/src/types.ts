@@ -72,11 +72,26 @@ export type RejectionType =
   | "conflict"
   | "idempotency_conflict"
   | "queue_full"
+  | "internal_error"
   | (string & {});
 
 /** JSON body of every rejection (4xx/5xx): `node_errors` at top level, as ComfyUI's `/prompt` has it. */
 export interface RejectionBody {
-  error: { type: RejectionType; message: string; [key: string]: unknown };
+  error: {
+    type: RejectionType;
+    message: string;
+    /** The offending field (`invalid_request`). */
+    field?: string;
+    /** Unknown fields of the body (`invalid_request`). */
+    fields?: string[];
+    /** The malformed node of `workflow_json` (`invalid_request`). */
+    node_id?: string;
+    /** `ui_format`: a UI-format workflow was sent; export it in API format. */
+    hint?: string;
+    /** As the Retry-After header (`queue_full`). */
+    retry_after?: number;
+    [key: string]: unknown;
+  };
   node_errors: Record<string, unknown>;
 }
 

@@ -1,8 +1,10 @@
 /**
  * Verifying courier callbacks in a route handler: constant-time `X-API-Key` check and
- * Standard Webhooks signatures (https://www.standardwebhooks.com), with Web Crypto only,
- * so it runs on Node >= 20 and on the Edge runtime alike.
+ * Standard Webhooks signatures (https://www.standardwebhooks.com) computed by the
+ * `standardwebhooks` reference library (pure JavaScript, as the courier's Python side uses
+ * its Python twin), so it runs on Node >= 20 and on the Edge runtime alike.
  */
+import { Webhook } from "standardwebhooks";
 import type { CallbackBody, StatusUpdateBody } from "./types.js";
 import { validateCallbackBody, validateStatusUpdate, type ValidationResult } from "./validate.js";
 
@@ -64,49 +66,24 @@ export interface VerifyOptions {
 }
 
 const encoder = new TextEncoder();
-const SECRET_PREFIX = "whsec_";
 
 function list(value: OneOrMany): string[] {
   const items = typeof value === "string" ? value.split(",") : value ?? [];
   return items.map((s) => s.trim()).filter((s) => s.length > 0);
 }
 
-function base64ToBytes(text: string): Uint8Array | null {
+/** The reference implementation's signer for one `whsec_<base64>` secret, or null if it refuses the secret. */
+function webhookFor(secret: string): Webhook | null {
   try {
-    const binary = atob(text);
-    return Uint8Array.from(binary, (ch) => ch.charCodeAt(0));
+    return new Webhook(secret);
   } catch {
-    return null;
+    return null; // not base64, or empty
   }
 }
 
-function bytesToBase64(bytes: Uint8Array): string {
-  let binary = "";
-  for (const b of bytes) binary += String.fromCharCode(b);
-  return btoa(binary);
-}
-
-function secretBytes(secret: string): Uint8Array | null {
-  const text = secret.startsWith(SECRET_PREFIX) ? secret.slice(SECRET_PREFIX.length) : secret;
-  const bytes = base64ToBytes(text);
-  return bytes && bytes.length > 0 ? bytes : null;
-}
-
-function hmacKey(bytes: Uint8Array, usage: "sign" | "verify"): Promise<CryptoKey> {
-  return crypto.subtle.importKey("raw", bytes as BufferSource, { name: "HMAC", hash: "SHA-256" }, false, [usage]);
-}
-
-function signedContent(webhookId: string, timestamp: string, body: Uint8Array): Uint8Array {
-  const prefix = encoder.encode(`${webhookId}.${timestamp}.`);
-  const out = new Uint8Array(prefix.length + body.length);
-  out.set(prefix);
-  out.set(body, prefix.length);
-  return out;
-}
-
 /**
- * The `v1,<base64>` signature of one event, as the courier sends it in `webhook-signature`.
- * Handy for testing your own route handler.
+ * The `v1,<base64>` signature of one event, as the courier sends it in `webhook-signature`
+ * (computed by the `standardwebhooks` reference library). Handy for testing your own route handler.
  */
 export async function signWebhook(
   secret: string,
@@ -114,12 +91,9 @@ export async function signWebhook(
   timestamp: number,
   body: string | Uint8Array,
 ): Promise<string> {
-  const key = secretBytes(secret);
-  if (!key) throw new TypeError("secret must be whsec_<base64>");
-  const raw = typeof body === "string" ? encoder.encode(body) : body;
-  const content = signedContent(webhookId, String(timestamp), raw);
-  const mac = await crypto.subtle.sign("HMAC", await hmacKey(key, "sign"), content as BufferSource);
-  return `v1,${bytesToBase64(new Uint8Array(mac))}`;
+  const webhook = webhookFor(secret);
+  if (!webhook) throw new TypeError("secret must be whsec_<base64>");
+  return webhook.sign(webhookId, new Date(timestamp * 1000), body);
 }
 
 /** Equal-length comparison whose time does not depend on where the bytes differ. */
@@ -142,20 +116,26 @@ async function apiKeyMatches(given: string, accepted: string[]): Promise<boolean
   return match;
 }
 
-async function signatureMatches(header: string, content: Uint8Array, secrets: Uint8Array[]): Promise<boolean> {
-  const signatures = header
-    .split(" ")
-    .filter((part) => part.startsWith("v1,"))
-    .map((part) => base64ToBytes(part.slice(3)))
-    .filter((sig): sig is Uint8Array => sig !== null);
-  for (const secret of secrets) {
-    const key = await hmacKey(secret, "verify");
-    for (const sig of signatures) {
-      // subtle.verify compares in constant time.
-      if (await crypto.subtle.verify("HMAC", key, sig as BufferSource, content as BufferSource)) return true;
-    }
+/**
+ * Does any `v1,` signature of the header match the one the reference library computes for any
+ * secret? The timestamp was checked before, against our clock and tolerance: the library's own
+ * `verify` checks it against `Date.now()` with a fixed 300 s, which `now`/`toleranceSeconds`
+ * could not change. The comparison is the library's: whole `v1,<base64>` strings, constant time.
+ */
+function signatureMatches(
+  header: string,
+  webhookId: string,
+  timestamp: number,
+  raw: Uint8Array,
+  webhooks: Webhook[],
+): boolean {
+  const given = header.split(" ").filter((part) => part.startsWith("v1,")).map((part) => encoder.encode(part));
+  let match = false;
+  for (const webhook of webhooks) {
+    const expected = encoder.encode(webhook.sign(webhookId, new Date(timestamp * 1000), raw));
+    for (const signature of given) match = equalBytes(signature, expected) || match;
   }
-  return false;
+  return match;
 }
 
 const fail = (
@@ -181,7 +161,7 @@ export async function verifyWebhook<T>(
 ): Promise<VerifyResult<T>> {
   const apiKeys = list(options.apiKey);
   const secretTexts = list(options.secret);
-  const secrets = secretTexts.map(secretBytes);
+  const secrets = secretTexts.map(webhookFor);
   if ("apiKey" in options && apiKeys.length === 0) {
     return fail("not_configured", 500, "apiKey was passed but is empty (is the environment variable set?)");
   }
@@ -231,8 +211,7 @@ export async function verifyWebhook<T>(
   if (raw.length > maxBytes) return fail("body_too_large", 413, `body over ${maxBytes} bytes`, webhookId);
 
   if (signature !== null && timestamp !== null) {
-    const content = signedContent(webhookId, String(timestamp), raw);
-    if (!(await signatureMatches(signature, content, secrets as Uint8Array[]))) {
+    if (!signatureMatches(signature, webhookId, timestamp, raw, secrets as Webhook[])) {
       return fail("bad_signature", 401, "no signature matches any configured secret", webhookId);
     }
   }

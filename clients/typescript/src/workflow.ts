@@ -224,7 +224,16 @@ export interface PromptOptions extends NodeSelector {
   all?: boolean;
 }
 
-function applyPrompt(workflow: ApiWorkflow, text: string, polarity: Polarity, options: PromptOptions): void {
+/** How the caller picks a node, named in error messages (patchWorkflow names its own option). */
+const SELECT_HINT = "{ title } or { nodeId }";
+
+function applyPrompt(
+  workflow: ApiWorkflow,
+  text: string,
+  polarity: Polarity,
+  options: PromptOptions,
+  hint = SELECT_HINT,
+): void {
   if (typeof text !== "string") throw new WorkflowPatchError("invalid_value", "prompt text must be a string");
   let ids: string[];
   if (selects(options)) {
@@ -237,14 +246,17 @@ function applyPrompt(workflow: ApiWorkflow, text: string, polarity: Polarity, op
         found.samplers === 0
           ? "no sampler with a linked conditioning input was found"
           : `the ${polarity} conditioning ends at ${found.deadEnds.join(", ") || "nothing"}`;
-      throw new WorkflowPatchError("no_prompt_node", `no ${polarity} text encoder: ${why}; choose the node by title`);
+      throw new WorkflowPatchError(
+        "no_prompt_node",
+        `no ${polarity} text encoder: ${why}; choose the node by title or id with ${hint}`,
+      );
     }
   }
   if (ids.length > 1 && !options.all) {
     throw new WorkflowPatchError(
       "ambiguous_prompt_node",
       `several ${polarity} prompt nodes: ${ids.map((id) => describe(workflow, id)).join(", ")}; ` +
-        "choose one by title or nodeId, or pass all: true",
+        `choose one by title or id with ${hint}, or set them all with all: true`,
       ids,
     );
   }
@@ -305,15 +317,20 @@ export interface SizeOptions {
   multiple?: number;
 }
 
-/** Latent nodes whose `width`/`height` set the image size, plus nodes that must agree with it. */
+/**
+ * Nodes whose `width`/`height` set the image size: the latent nodes, nodes that must agree with
+ * them, and EmptyImage, which sets the size of a model-free workflow (the courier's sample).
+ */
 export const SIZE_NODES: readonly string[] = [
   "EmptyLatentImage",
   "EmptySD3LatentImage",
   "EmptyHunyuanImageLatent",
   "EmptyChromaRadianceLatentImage",
   "ModelSamplingFlux", // its shift depends on the image size
+  "EmptyImage", // only when there is no latent node: beside one it is a mask or canvas of its own
 ];
-const LATENT_NODES = SIZE_NODES.filter((name) => name.startsWith("Empty"));
+const LATENT_NODES = SIZE_NODES.filter((name) => name.startsWith("Empty") && name !== "EmptyImage");
+const LATENT_SIZED = SIZE_NODES.filter((name) => name !== "EmptyImage");
 
 const positive = (v: number | undefined): boolean => v === undefined || (Number.isFinite(v) && v > 0);
 
@@ -353,7 +370,7 @@ export function setSize(workflow: ApiWorkflow, size: Size, options: NodeSelector
   return out;
 }
 
-function applySize(workflow: ApiWorkflow, size: Size, options: NodeSelector): void {
+function applySize(workflow: ApiWorkflow, size: Size, options: NodeSelector, hint = SELECT_HINT): void {
   for (const v of [size.width, size.height]) {
     if (!Number.isInteger(v) || v < 16 || v % 8 !== 0) {
       throw new WorkflowPatchError("invalid_value", `width and height must be integers >= 16 and multiples of 8, got ${v}`);
@@ -363,9 +380,14 @@ function applySize(workflow: ApiWorkflow, size: Size, options: NodeSelector): vo
   if (selects(options)) {
     ids = select(workflow, options);
   } else {
-    ids = Object.keys(workflow).filter((id) => SIZE_NODES.includes(workflow[id]!.class_type));
-    if (!ids.some((id) => LATENT_NODES.includes(workflow[id]!.class_type))) {
-      throw new WorkflowPatchError("no_size_node", `no ${LATENT_NODES.join("/")} node; choose the node by title`);
+    const ofClass = (names: readonly string[]) => Object.keys(workflow).filter((id) => names.includes(workflow[id]!.class_type));
+    ids = ofClass(LATENT_SIZED);
+    if (!ids.some((id) => LATENT_NODES.includes(workflow[id]!.class_type))) ids = ofClass(["EmptyImage"]);
+    if (ids.length === 0) {
+      throw new WorkflowPatchError(
+        "no_size_node",
+        `no ${LATENT_NODES.join("/")} or EmptyImage node; choose the node by title or id with ${hint}`,
+      );
     }
   }
   for (const id of ids) {
@@ -410,7 +432,10 @@ function applySeed(workflow: ApiWorkflow, seed: number, options: NodeSelector): 
     }
   }
   if (count === 0) {
-    throw new WorkflowPatchError("no_seed_input", "no literal seed/noise_seed input (KSampler, SamplerCustom, RandomNoise, ...)");
+    throw new WorkflowPatchError(
+      "no_seed_input",
+      `no literal seed/noise_seed input (KSampler, SamplerCustom, RandomNoise, ...)${selects(options) ? " on the chosen node" : ""}`,
+    );
   }
 }
 
@@ -435,15 +460,35 @@ export interface WorkflowPatch {
   size?: Size;
   /** A seed, or "random" for {@link randomSeed}. */
   seed?: number | "random";
+  /** Which node gets `prompt`, when the trace finds none or several: `{ title }`, `{ nodeId }`, `{ all: true }`. */
+  promptNode?: PromptOptions;
+  /** Which node gets `negativePrompt`. */
+  negativePromptNode?: PromptOptions;
+  /** Which node gets `format`/`size` instead of the latent (or EmptyImage) nodes. */
+  sizeNode?: NodeSelector;
+  /** Which node gets `seed` instead of every literal seed input. */
+  seedNode?: NodeSelector;
 }
 
-/** Applies several patches to one copy of `base`; `base` is left untouched. */
+const patchHint = (field: string): string => `patchWorkflow's ${field}: ${SELECT_HINT}`;
+
+/**
+ * Applies several patches to one copy of `base`; `base` is left untouched. Each patch finds its
+ * node as the matching set* helper does, or takes the one chosen in `promptNode`,
+ * `negativePromptNode`, `sizeNode` or `seedNode` (`{ title }` is the robust choice).
+ */
 export function patchWorkflow(base: ApiWorkflow, patch: WorkflowPatch): ApiWorkflow {
   const out = copy(base);
-  if (patch.prompt !== undefined) applyPrompt(out, patch.prompt, "positive", {});
-  if (patch.negativePrompt !== undefined) applyPrompt(out, patch.negativePrompt, "negative", {});
-  if (patch.size !== undefined) applySize(out, patch.size, {});
-  else if (patch.format !== undefined) applySize(out, formatSize(patch.format, patch.sizeOptions), {});
-  if (patch.seed !== undefined) applySeed(out, patch.seed === "random" ? randomSeed() : patch.seed, {});
+  if (patch.prompt !== undefined) {
+    applyPrompt(out, patch.prompt, "positive", patch.promptNode ?? {}, patchHint("promptNode"));
+  }
+  if (patch.negativePrompt !== undefined) {
+    applyPrompt(out, patch.negativePrompt, "negative", patch.negativePromptNode ?? {}, patchHint("negativePromptNode"));
+  }
+  const size = patch.size ?? (patch.format !== undefined ? formatSize(patch.format, patch.sizeOptions) : undefined);
+  if (size !== undefined) applySize(out, size, patch.sizeNode ?? {}, patchHint("sizeNode"));
+  if (patch.seed !== undefined) {
+    applySeed(out, patch.seed === "random" ? randomSeed() : patch.seed, patch.seedNode ?? {});
+  }
   return out;
 }

@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
-import { cancel, createCourierClient, executeWorkflow, getStatus, parseRetryAfter } from "../src/index.js";
+import { cancel, createCourierClient, describeNetworkError, executeWorkflow, getStatus, parseRetryAfter } from "../src/index.js";
 import { jobStatus, loadWorkflow } from "./helpers.js";
 
 type Reply = { status: number; body?: unknown; headers?: Record<string, string> } | Error;
@@ -94,6 +94,7 @@ test("network errors and 503 are retried a bounded number of times", async () =>
   const result = await executeWorkflow({ ...base, fetch, workflow, contentRequestId: "req-1", retries: 2 });
   assert.equal(result.kind, "unreachable");
   assert.equal(result.kind === "unreachable" && result.message, "fetch failed");
+  assert.equal(result.kind === "unreachable" && result.code, null);
   assert.equal(calls.length, 3);
   assert.equal(sleeps.length, 2);
   assert.ok(sleeps[0]! >= 500 && sleeps[1]! >= 1000 && sleeps[1]! <= 1250, String(sleeps));
@@ -189,4 +190,47 @@ test("createCourierClient talks to a real HTTP server with the global fetch", as
     ],
   );
   assert.equal(JSON.parse(seen[0]!.body).content_request_id, "req-1");
+});
+
+test("unreachable carries the cause: a refused connection to a real closed port", async () => {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as AddressInfo;
+  await new Promise<void>((resolve) => server.close(() => resolve())); // nothing listens there now
+  const result = await getStatus({ baseUrl: `http://127.0.0.1:${port}`, apiKey: "k1", contentRequestId: "req-1" });
+  assert.ok(result.kind === "unreachable", JSON.stringify(result));
+  assert.equal(result.code, "ECONNREFUSED");
+  assert.match(result.message, new RegExp(`^fetch failed: connect ECONNREFUSED 127\\.0\\.0\\.1:${port}$`));
+});
+
+test("unreachable carries the cause: undici's connect and headers timeouts, and several addresses", async () => {
+  const timeout = Object.assign(new Error("Connect Timeout Error (attempted address: 10.0.0.5:8188, timeout: 10000ms)"), {
+    code: "UND_ERR_CONNECT_TIMEOUT",
+  });
+  const { fetch } = scriptedFetch(
+    new TypeError("fetch failed", { cause: timeout }),
+    new TypeError("fetch failed", { cause: Object.assign(new Error("Headers Timeout Error"), { code: "UND_ERR_HEADERS_TIMEOUT" }) }),
+  );
+  const connect = await executeWorkflow({ ...base, fetch, workflow, contentRequestId: "req-1" });
+  assert.ok(connect.kind === "unreachable");
+  assert.equal(connect.code, "UND_ERR_CONNECT_TIMEOUT");
+  assert.equal(
+    connect.message,
+    "fetch failed: Connect Timeout Error (attempted address: 10.0.0.5:8188, timeout: 10000ms) (UND_ERR_CONNECT_TIMEOUT)",
+  );
+  assert.equal(connect.cause instanceof TypeError && connect.cause.cause, timeout);
+  const headers = await cancel({ ...base, fetch, contentRequestId: "req-1" });
+  assert.ok(headers.kind === "unreachable" && headers.code === "UND_ERR_HEADERS_TIMEOUT");
+  assert.match(headers.message, /Headers Timeout Error/);
+
+  const both = new AggregateError(
+    [Object.assign(new Error("connect ECONNREFUSED ::1:8188"), { code: "ECONNREFUSED" }),
+     Object.assign(new Error("connect ECONNREFUSED 127.0.0.1:8188"), { code: "ECONNREFUSED" })],
+  );
+  const described = describeNetworkError(new TypeError("fetch failed", { cause: Object.assign(both, { code: "ECONNREFUSED" }) }));
+  assert.deepEqual(described, {
+    message: "fetch failed: connect ECONNREFUSED ::1:8188; connect ECONNREFUSED 127.0.0.1:8188",
+    code: "ECONNREFUSED",
+  });
+  assert.deepEqual(describeNetworkError("weird"), { message: "weird", code: null });
 });

@@ -1,6 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { signWebhook, verifyCallback, verifyStatusUpdate, type VerifyOptions } from "../src/index.js";
+import { Webhook } from "standardwebhooks";
 import { errorBody, newSecret, successBody } from "./helpers.js";
 
 const API_KEY = "cb-key-1";
@@ -41,6 +42,25 @@ test("signWebhook matches the reference Standard Webhooks implementation", async
     '{"test": 2432232314}',
   );
   assert.equal(sig, "v1,0iyUg5ZWoFAvzOYrmKMchzJUfGj0FFYoWD45bChDnOE=");
+});
+
+test("verifyCallback and the standardwebhooks reference library agree, both ways", async () => {
+  const raw = JSON.stringify(successBody());
+  const stamp = Math.floor(Date.now() / 1000);
+  const reference = new Webhook(SECRET);
+  const headers = {
+    "webhook-id": "msg_ref",
+    "webhook-timestamp": String(stamp),
+    "webhook-signature": reference.sign("msg_ref", new Date(stamp * 1000), raw),
+  };
+  const ours = await verifyCallback(
+    new Request("https://app.example/cb", { method: "POST", headers: { ...headers, "x-api-key": API_KEY }, body: raw }),
+    { apiKey: API_KEY, secret: SECRET },
+  );
+  assert.ok(ours.ok, JSON.stringify(ours));
+  const signed = await signWebhook(SECRET, "msg_ref", stamp, raw);
+  assert.deepEqual(reference.verify(raw, { ...headers, "webhook-signature": signed }), JSON.parse(raw));
+  assert.throws(() => reference.verify(raw, { ...headers, "webhook-signature": signed.replace("v1,", "v1,A") }));
 });
 
 test("a signed callback with the right key verifies and returns the typed body", async () => {

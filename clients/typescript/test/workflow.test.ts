@@ -166,7 +166,12 @@ test("setFormat sets EmptyLatentImage / EmptySD3LatentImage (and ModelSamplingFl
   assert.equal(flux["27"]!.inputs.width, 1024);
   const titled = setSize(base, { width: 512, height: 640 }, { title: "Empty Latent Image (size set per format)" });
   assert.deepEqual([titled["5"]!.inputs.width, titled["5"]!.inputs.height], [512, 640]);
-  assert.throws(() => setFormat(loadWorkflow("model-free.json"), "post"), { code: "no_size_node" });
+  assert.throws(() => setFormat({ "1": node("KSampler", { seed: 1 }) }, "post"), (e: WorkflowPatchError) => {
+    assert.equal(e.code, "no_size_node");
+    assert.match(e.message, /EmptyImage/);
+    assert.match(e.message, /\{ title \}/);
+    return true;
+  });
   assert.throws(() => setSize(base, { width: 500, height: 512 }), { code: "invalid_value" });
   assert.throws(() => setSize(base, { width: 512, height: 512 }, { nodeId: "6" }), { code: "no_size_node" });
 });
@@ -201,4 +206,65 @@ test("patchWorkflow applies prompt, format and seed to one copy", () => {
   assert.deepEqual([sized["5"]!.inputs.width, sized["5"]!.inputs.height], [256, 384]);
   assert.ok(Number.isSafeInteger(sized["3"]!.inputs.seed));
   assert.deepEqual(patchWorkflow(base, {}), base);
+});
+
+test("setFormat sizes EmptyImage in a model-free workflow, and leaves it alone beside a latent node", () => {
+  const modelFree = deepFrozen(loadWorkflow("model-free.json"));
+  const story = setFormat(modelFree, "story", { longSide: 1080 });
+  assert.deepEqual([story["1"]!.inputs.width, story["1"]!.inputs.height, story["1"]!.inputs.color], [608, 1080, 16753920]);
+  assert.equal(modelFree["1"]!.inputs.width, 64);
+  const patched = patchWorkflow(modelFree, { format: "post", sizeOptions: { megapixels: 0.25 } });
+  assert.deepEqual([patched["1"]!.inputs.width, patched["1"]!.inputs.height], [512, 512]);
+
+  const withLatent: ApiWorkflow = {
+    ...structuredClone(loadWorkflow("txt2img-sd15.json")),
+    "20": node("EmptyImage", { width: 64, height: 64, batch_size: 1, color: 0 }, "Mask canvas"),
+  };
+  const sized = setFormat(withLatent, "post");
+  assert.deepEqual([sized["5"]!.inputs.width, sized["20"]!.inputs.width], [1024, 64]);
+  const chosen = setFormat(withLatent, "post", { title: "Mask canvas" });
+  assert.deepEqual([chosen["5"]!.inputs.width, chosen["20"]!.inputs.width], [64, 1024]);
+});
+
+test("patchWorkflow takes the node chosen by title (or id) for each patch, as its errors suggest", () => {
+  const wf: ApiWorkflow = {
+    "1": node("CLIPTextEncode", { text: "subject", clip: ["9", 1] }, "Subject"),
+    "2": node("CLIPTextEncode", { text: "style", clip: ["9", 1] }, "Style"),
+    "3": node("ConditioningCombine", { conditioning_1: ["1", 0], conditioning_2: ["2", 0] }),
+    "4": node("KSampler", { seed: 1, positive: ["3", 0], negative: ["7", 0] }),
+    "5": node("EmptyLatentImage", { width: 512, height: 512, batch_size: 1 }, "Latent"),
+    "6": node("EmptyLatentImage", { width: 512, height: 512, batch_size: 1 }, "Second pass"),
+    "7": node("CLIPTextEncode", { text: "blurry", clip: ["9", 1] }, "Negative"),
+    "8": node("RandomNoise", { noise_seed: 5 }, "Noise"),
+  };
+  const frozen = deepFrozen(wf);
+  assert.throws(() => patchWorkflow(frozen, { prompt: "x" }), (e: WorkflowPatchError) => {
+    assert.equal(e.code, "ambiguous_prompt_node");
+    assert.match(e.message, /patchWorkflow's promptNode: \{ title \} or \{ nodeId \}/);
+    return true;
+  });
+  const out = patchWorkflow(frozen, {
+    prompt: "a fox",
+    promptNode: { title: "Subject" },
+    negativePrompt: "noise",
+    negativePromptNode: { nodeId: "7" },
+    format: "story",
+    sizeNode: { title: "Latent" },
+    seed: 42,
+    seedNode: { title: "Noise" },
+  });
+  assert.deepEqual(
+    [out["1"]!.inputs.text, out["2"]!.inputs.text, out["7"]!.inputs.text],
+    ["a fox", "style", "noise"],
+  );
+  assert.deepEqual([out["5"]!.inputs.width, out["5"]!.inputs.height, out["6"]!.inputs.width], [768, 1368, 512]);
+  assert.deepEqual([out["4"]!.inputs.seed, out["8"]!.inputs.noise_seed], [1, 42]);
+  const all = patchWorkflow(frozen, { prompt: "both", promptNode: { all: true } });
+  assert.deepEqual([all["1"]!.inputs.text, all["2"]!.inputs.text], ["both", "both"]);
+  assert.throws(() => patchWorkflow(frozen, { prompt: "x", promptNode: { title: "Nope" } }), { code: "node_not_found" });
+  assert.throws(() => patchWorkflow(frozen, { seed: 1, seedNode: { title: "Latent" } }), { code: "no_seed_input" });
+  assert.throws(
+    () => patchWorkflow({ "1": node("KSampler", { seed: 1 }) }, { format: "post" }),
+    (e: WorkflowPatchError) => e.code === "no_size_node" && /patchWorkflow's sizeNode/.test(e.message),
+  );
 });
