@@ -28,7 +28,7 @@ from .cli import (
     EXIT_REJECTED,
     REQUEST_TIMEOUT,
     UsageError,
-    first_key,
+    api_key,
     print_json,
     response_body,
 )
@@ -167,9 +167,7 @@ async def run_redeliver(
     err: TextIO = sys.stderr,
     environ: Mapping[str, str] = os.environ,
 ) -> int:
-    key = args.key or first_key(environ.get("COURIER_API_KEY"))
-    if not key:
-        raise UsageError("no API key: pass --key or set COURIER_API_KEY")
+    key = api_key(args, environ)
     body: dict[str, Any] = (
         {"content_request_id": args.id}
         if args.id is not None

@@ -82,6 +82,14 @@ def first_key(value: str | None) -> str | None:
     return keys[0] if keys else None
 
 
+def api_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """--key, else the first of COURIER_API_KEY; a usage error without either."""
+    key: str | None = args.key or first_key(environ.get("COURIER_API_KEY"))
+    if not key:
+        raise UsageError("no API key: pass --key or set COURIER_API_KEY")
+    return key
+
+
 def endpoint(base_url: str, cid: str | None = None) -> str:
     url = base_url.rstrip("/") + "/execute-workflow"
     return f"{url}/{cid}" if cid else url
@@ -124,9 +132,7 @@ async def run_submit(
     """POST the workflow; with --wait, poll until it is final. Returns the exit code."""
     from .executor.intake import ID_PATTERN
 
-    key = args.key or first_key(environ.get("COURIER_API_KEY"))
-    if not key:
-        raise UsageError("no API key: pass --key or set COURIER_API_KEY")
+    key = api_key(args, environ)
     workflow, file_id = load_workflow(Path(args.workflow))
     cid = args.id or file_id or new_request_id()
     if not ID_PATTERN.fullmatch(cid):
