@@ -17,7 +17,7 @@ from typing import Any
 from .executor.comfy_adapter import ComfyAdapter
 from .executor.courier import Courier
 from .executor.delivery import DEFAULT_SCHEDULE, Deliverer
-from .executor.errors import UnsupportedComfyUI
+from .executor.errors import NotConfigured, UnsupportedComfyUI
 from .executor.settings import Settings
 from .executor.status_updates import StatusNotifier
 from .executor.storage import Storage
@@ -58,6 +58,16 @@ def build_storage(settings: Settings, adapter: Any) -> Storage:
     return LocalStorage(adapter.output_directory(), lambda: base or adapter.base_url())
 
 
+def build_store(settings: Settings, adapter: Any, journal_thread: bool = False) -> Store:
+    """PostgreSQL for `COURIER_DB=postgresql://…` (several hosts), else the SQLite journal."""
+    if settings.db_url is not None:
+        from .executor.store.postgres import open_postgres
+
+        return open_postgres(settings.db_url, settings.db_schema)
+    path = settings.db_path or adapter.user_directory() / "courier" / "courier.sqlite3"
+    return open_sqlite(path, on_thread=journal_thread)
+
+
 def build_courier(
     settings: Settings,
     adapter: Any,
@@ -73,8 +83,7 @@ def build_courier(
     `journal_thread` runs the journal on a thread of this process, where a test can patch
     `Journal`'s methods; otherwise it runs in a child process (store/sqlite/process.py).
     """
-    path = settings.db_path or adapter.user_directory() / "courier" / "courier.sqlite3"
-    store: Store = open_sqlite(path, on_thread=journal_thread)
+    store = build_store(settings, adapter, journal_thread)
     instance = settings.instance or adapter.instance_name()
     deliverer = None
     if settings.callback_url:
@@ -143,7 +152,7 @@ def setup() -> None:
             courier.storage.kind,
             courier.instance,
         )
-    except UnsupportedComfyUI as e:
+    except (UnsupportedComfyUI, NotConfigured) as e:
         log.error("[courier] disabled: %s", e)
     except Exception:
         log.exception("[courier] disabled: set-up failed")

@@ -25,6 +25,7 @@ from .cancellation import Cancellation
 from .comfy_port import ComfyPort
 from .comfy_queue import ComfyQueue
 from .delivery import Deliverer
+from .errors import StoreError
 from .fencing import Fencing
 from .health import Health
 from .images import EncodedImage
@@ -45,6 +46,8 @@ from .watch import QueueWatch
 from .worker_events import WorkerEvents
 
 log = logging.getLogger(__name__)
+
+START_RETRY = (1.0, 30.0)  # s: the first wait for a store unreachable at start-up, the longest
 
 
 class Courier:
@@ -109,21 +112,29 @@ class Courier:
     # -- life cycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Recover what a previous process left, then watch the queue and deliver."""
+        """Recover what a previous process left, then watch the queue and deliver.
+
+        A store that cannot be reached yet (a database still starting, or down) is tried
+        again until it answers; meanwhile requests get 503 ("still starting").
+        """
         self.worker_events.listen(self.comfy, asyncio.get_running_loop())
-        if not await asyncio.to_thread(self.store.claim_instance, self.instance):
-            self.twin = True
-            log.critical(
-                "[courier] another live process runs as instance %r (COURIER_INSTANCE, or "
-                "equal hostname and port): this one recovers and adopts nothing; give each "
-                "ComfyUI process its own COURIER_INSTANCE",
-                self.instance,
-            )
-            self.recovery.enabled = False
-            self.config_problems.append(f"instance name {self.instance!r} is in use")
-        await self.store.heartbeat(self.instance, self.clock())
-        await self.recovery.adopt_orphans()
-        await self.recovery.recover()
+        delay = START_RETRY[0]
+        claimed: bool | None = None
+        while True:
+            try:
+                if claimed is None:
+                    claimed = await asyncio.to_thread(self.store.claim_instance, self.instance)
+                    if not claimed:
+                        self._twin()
+                await self.store.heartbeat(self.instance, self.clock())
+                await self.recovery.adopt_orphans()
+                await self.recovery.recover()
+                break
+            except StoreError as e:
+                log.error("[courier] store unavailable at start-up (%s); retrying in %.0f s",
+                          e, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, START_RETRY[1])
         self.ready.set()
         spawn = self.background.spawn
         spawn(self.watch.run())
@@ -131,6 +142,17 @@ class Courier:
         spawn(self.retention.run())
         if self.deliverer is not None:
             spawn(self.deliverer.run())
+
+    def _twin(self) -> None:
+        self.twin = True
+        log.critical(
+            "[courier] another live process runs as instance %r (COURIER_INSTANCE, or "
+            "equal hostname and port): this one recovers and adopts nothing; give each "
+            "ComfyUI process its own COURIER_INSTANCE",
+            self.instance,
+        )
+        self.recovery.enabled = False
+        self.config_problems.append(f"instance name {self.instance!r} is in use")
 
     async def stop(self) -> None:
         await self.background.stop()

@@ -17,6 +17,7 @@ StorageKind = Literal["supabase", "local"]
 UrlMode = Literal["public", "signed"]
 
 _TRUE = {"1", "true", "yes", "on"}
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _FALSE = {"0", "false", "no", "off", ""}
 
 
@@ -42,6 +43,8 @@ class Settings:
     signed_url_ttl: int = 604800
     public_base_url: str | None = None
     db_path: Path | None = None
+    db_url: str | None = field(default=None, repr=False)  # postgresql://…: several hosts
+    db_schema: str = "courier"
     instance: str | None = None
     max_queue: int = 100
     job_timeout: float = 1800.0
@@ -60,6 +63,7 @@ class Settings:
         """Every secret value, for redaction and for the tests that hunt for leaks."""
         values = [*self.api_keys, *self.metrics_keys, *self.webhook_secrets]
         values += [v for v in (self.callback_api_key, self.supabase_key) if v]
+        values += _url_passwords(self.db_url)
         return tuple(values)
 
     @classmethod
@@ -153,6 +157,15 @@ class Settings:
             problems.append("COURIER_CALLBACK_URL is not set: jobs run, results only by polling")
 
         db = text("COURIER_DB")
+        db_url = db if db and db.lower().startswith(POSTGRES_SCHEMES) else None
+        db_schema = (text("COURIER_DB_SCHEMA") or "courier").lower()
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", db_schema) or db_schema == "public":
+            problems.append(
+                f"COURIER_DB_SCHEMA={db_schema!r} must be a plain name (letters, digits, _) "
+                "and not public, which Supabase serves to anyone with the anon key; "
+                "using courier"
+            )
+            db_schema = "courier"
         return cls(
             api_keys=api_keys,
             metrics_keys=_split_list(environ.get("COURIER_METRICS_KEY")),
@@ -167,7 +180,9 @@ class Settings:
             url_mode=url_mode,
             signed_url_ttl=int(number("COURIER_SIGNED_URL_TTL", 604800, 1, integer=True)),
             public_base_url=url("COURIER_PUBLIC_BASE_URL"),
-            db_path=Path(db).expanduser() if db else None,
+            db_path=Path(db).expanduser() if db and not db_url else None,
+            db_url=db_url,
+            db_schema=db_schema,
             instance=text("COURIER_INSTANCE"),
             max_queue=int(number("COURIER_MAX_QUEUE", 100, 1, integer=True)),
             job_timeout=number("COURIER_JOB_TIMEOUT", 1800, 1),
@@ -181,6 +196,24 @@ class Settings:
             keep_outputs=keep_outputs_raw in _TRUE,
             problems=tuple(problems),
         )
+
+
+def _url_passwords(url: str | None) -> list[str]:
+    """The password of a connection URL, as written and decoded (for redaction)."""
+    if not url:
+        return []
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    found: list[str] = []
+    try:
+        parts = urlsplit(url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        if ":" in userinfo:
+            found.append(userinfo.split(":", 1)[1])
+        found += parse_qs(parts.query).get("password", [])
+    except ValueError:
+        return []
+    return [p for raw in found for p in {raw, unquote(raw)} if p]
 
 
 def _valid_webhook_secret(secret: str) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from comfy_courier.routes import add_routes
 
 from conformance import Conformance
 from fakes.storage_server import FakeStorage, start_storage_server
+from pgcluster import Cluster, find_bindir
 from standin.comfy import StandinComfy
 
 API_KEY = "test-inbound-key-0123456789"
@@ -40,6 +43,43 @@ def model_free(prefix: str = "social") -> dict[str, Any]:
         "2": {"class_type": "SaveAndCallback",
               "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Any:
+    """A PostgreSQL server for the session: COURIER_TEST_POSTGRES_URL, or a throwaway
+    cluster started from the PostgreSQL binaries (PATH, or Debian's /usr/lib/postgresql)."""
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed: pip install -e '.[test,postgres]' for the "
+                    "PostgreSQL store's tests")
+    url = os.environ.get("COURIER_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql; "
+                    "Debian: apt-get install -y postgresql, or set COURIER_TEST_POSTGRES_URL")
+    cluster = Cluster(bindir).start()
+    yield cluster.url
+    cluster.remove()
+
+
+@pytest.fixture
+def pg_schema(postgres_url: str) -> Any:
+    """A schema of the test's own, dropped afterwards: tests share the server, not rows."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield schema
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 # -- callback receiver -----------------------------------------------------------------

@@ -18,7 +18,8 @@ T = TypeVar("T")
 X = TypeVar("X")
 _Then = Callable[[T], Any] | None
 _After = Callable[[Any], None] | None
-Writer = Callable[[Callable[..., list[T]], list[X]], Awaitable[list[T]]]
+# `many` is the backend's: a sync function the SQLite runner calls, or a coroutine function
+Writer = Callable[[Callable[..., Any], list[X]], Awaitable[list[T]]]
 
 
 class GroupCommit(Generic[X, T]):
@@ -41,8 +42,8 @@ class GroupCommit(Generic[X, T]):
 
     def __init__(
         self,
-        db: Writer[T, X],
-        many: Callable[..., list[T]],
+        db: Writer[X, T],
+        many: Callable[..., Any],
         max_batch: int = 256,
         max_in_flight: int = 2,
     ) -> None:
