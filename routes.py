@@ -195,7 +195,7 @@ def add_routes(
             return web.json_response(body, status=503)
         body = await courier.health()
         body["inbound_key_configured"] = bool(settings.api_keys)
-        return web.json_response(body)
+        return web.json_response(body, status=200 if body["ok"] else 503)
 
 
 def _path_id(request: web.Request) -> str:

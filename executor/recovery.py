@@ -21,7 +21,7 @@ from .jobs import ErrorType, Job, JobState
 from .runs import Run, Runs
 from .settings import Settings
 from .settle import Settler
-from .store import Store
+from .store import Fleet, Store
 from .tasks import Background
 from .uploads import Uploader
 
@@ -60,6 +60,12 @@ class Recovery:
         self._recovering = asyncio.Lock()
         # off while a live twin shares this instance name: its jobs look like ours
         self.enabled = True
+        # a store shared by several hosts: runs that ended with their host wait for any host
+        self.fleet: Fleet | None = None
+        self.on_released: Callable[[], None] = lambda: None
+        # when the heartbeat came back after failing: every host's was failing too (the
+        # store was down), so none is taken over until they have had time to beat again
+        self.store_back_at: float | None = None
 
     @property
     def heartbeat_interval(self) -> float:
@@ -72,11 +78,23 @@ class Recovery:
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self.store.heartbeat(self.instance, self.clock())
+            except Exception as e:
+                if self.store_back_at is None or self.store_back_at >= 0:
+                    log.error("[courier] heartbeat failed: %s", e)
+                self.store_back_at = -1.0  # failing
+                continue
+            if self.store_back_at is not None and self.store_back_at < 0:
+                self.store_back_at = self.clock()
+            try:
                 await self.fencing.check()
-                if await self.adopt_orphans():
+                if self._may_adopt() and await self.adopt_orphans():
                     await self.recover()
             except Exception:
                 log.exception("[courier] heartbeat failed")
+
+    def _may_adopt(self) -> bool:
+        back = self.store_back_at
+        return back is None or (back >= 0 and self.clock() - back >= self.settings.takeover_after)
 
     async def adopt_orphans(self) -> list[str]:
         if not self.enabled:
@@ -135,6 +153,18 @@ class Recovery:
             return
         old_prompt_id = job.prompt_id
         job.prompt_id = str(uuid7())
+        if self.fleet is not None:
+            # any host may run it again: it waits at its old place in the fleet's line
+            epoch = await self.fleet.released(old_prompt_id, job.prompt_id, self.clock())
+            if epoch is not None:
+                log.info(
+                    "[courier] released id=%s attempt=%s to the fleet (run %s)",
+                    job.content_request_id,
+                    job.attempt,
+                    job.runs + 1,
+                )
+                self.on_released()
+            return
         try:
             prompt, outputs = await self.queue.validated_prompt(job, workflow)
         except WorkflowRejected as e:
