@@ -64,7 +64,10 @@ class Claimer:
     # -- room on this host ----------------------------------------------------------------
 
     def busy(self) -> int:
-        """Courier jobs on this ComfyUI that have not left execution (uploads don't count)."""
+        """Courier jobs on this ComfyUI that have not left execution (uploads don't count);
+        full when its worker thread is dead: nothing queued here would ever run."""
+        if self.queue.comfy.worker_alive() is False:
+            return CLAIM_DEPTH
         return self.reserved + sum(1 for run in self.runs.by_prompt.values() if not run.completed)
 
     def reserve(self) -> bool:

@@ -210,3 +210,14 @@ async def test_a_dead_hosts_pending_callback_goes_out_from_a_live_host(fleet, re
     assert again.headers["webhook-id"] == first and again.json["status"] == "success"
     await two.settle()
     assert (await two.status("undelivered"))["callback"]["state"] == "delivered"
+
+
+async def test_a_host_whose_worker_died_claims_nothing(fleet, receiver):
+    one, two = await fleet(2)
+    two.comfy.stop()  # its prompt worker thread is gone: nothing queued there would run
+    await one.post(slow_workflow(0.5), "busy")
+    await one.wait_state("busy", "running")
+    _, waiting = await one.post(model_free(), "later")
+    await two.courier.claims.once()  # asked to claim: it takes nothing
+    assert (await one.wait_final("later"))["state"] == "success"
+    assert ran_on(one, waiting["prompt_id"])
