@@ -198,7 +198,7 @@ def add_routes(
             return web.json_response(body, status=503)
         body = await courier.health()
         body["inbound_key_configured"] = bool(settings.api_keys)
-        return web.json_response(body)
+        return web.json_response(body, status=200 if body["ok"] else 503)
 
     openapi_text = json.dumps(openapi_document(), indent=1)
 

@@ -3,6 +3,7 @@ in as `wiring.setup()` wires it into ComfyUI (settings from the environment, the
 thread, storage, deliverer, routes, start-up scheduled on the loop).
 
     python benchmarks/standin_server.py --port P --base DIR [--version 0.3.64|0.33.0]
+        [--schedule 0,0.2,0.5]
 
 Besides the courier's routes it serves what the benchmarks compare against, written after
 ComfyUI 0.3.64's server.py: POST /prompt (trigger_on_prompt, number, validate_prompt, put),
@@ -188,14 +189,16 @@ def instrument(comfy: StandinComfy) -> None:
         return web.json_response(out)
 
 
-def build_courier(settings: Settings, adapter: Any, loop: asyncio.AbstractEventLoop) -> Any:
+def build_courier(
+    settings: Settings, adapter: Any, loop: asyncio.AbstractEventLoop, **options: Any
+) -> Any:
     """wiring.build_courier as setup() calls it (older checkouts also took the loop)."""
     import inspect
 
     params = inspect.signature(wiring.build_courier).parameters
     if "loop" in params:
-        return wiring.build_courier(settings, adapter, loop)
-    return wiring.build_courier(settings, adapter)
+        return wiring.build_courier(settings, adapter, loop, **options)
+    return wiring.build_courier(settings, adapter, **options)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -206,7 +209,10 @@ async def main(args: argparse.Namespace) -> None:
     adapter = comfy.adapter()
     loop = asyncio.get_running_loop()
     comfy.loop = loop
-    courier = build_courier(settings, adapter, loop)
+    options: dict[str, Any] = {}
+    if args.schedule:  # tests: callback retries in fractions of a second, no jitter
+        options = {"schedule": tuple(float(s) for s in args.schedule.split(",")), "jitter": 0.0}
+    courier = build_courier(settings, adapter, loop, **options)
     wiring._runtime = wiring.Runtime(settings, adapter, courier, loop)
     add_routes(comfy.routes, lambda: courier, settings)
     if args.instrument:
@@ -245,6 +251,9 @@ if __name__ == "__main__":
     parser.add_argument("--base", required=True)
     parser.add_argument("--version", default="0.3.64")
     parser.add_argument("--profile", help="cProfile the event-loop thread into this file")
+    parser.add_argument(
+        "--schedule", help="callback retry delays in seconds, comma-separated (tests)"
+    )
     parser.add_argument(
         "--instrument",
         action="store_true",

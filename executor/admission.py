@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 from . import intake
+from .claims import Claimer
 from .comfy_queue import ComfyQueue
 from .errors import IdempotencyConflict, QueueFull, StoreError, WorkflowRejected
 from .ids import uuid7
@@ -59,30 +60,36 @@ class Admission:
         self.clock = clock
         self.metrics = metrics
         self.status_updates = status_updates
+        self.claims: Claimer | None = None  # with a store shared by several hosts
 
     async def submit(self, request: intake.Request) -> tuple[int, dict[str, Any]]:
         """Accept a job (202), replay a duplicate (200), or raise the matching error."""
         cid = request.content_request_id
         runs = self.runs
+        claims = self.claims
         async with self.id_locks(cid):
-            if len(runs) + runs.admitting >= self.settings.max_queue:
+            waiting = claims.waiting if claims is not None else 0  # the fleet's line
+            if len(runs) + runs.admitting + waiting >= self.settings.max_queue:
                 replay = await self._duplicate_answer(request)
                 if replay is not None:
                     return replay
                 raise QueueFull(
-                    f"comfy-courier has {len(runs)} unfinished jobs "
+                    f"comfy-courier has {len(runs) + waiting} unfinished jobs "
                     f"(COURIER_MAX_QUEUE={self.settings.max_queue}); try again later",
                     retry_after=runs.retry_after(),
                 )
+            # With a shared store, a job this host cannot start now waits for any host.
+            here = claims is None or claims.reserve()
             runs.admitting += 1  # holds a place in the queue limit while validating
             try:
                 job = Job(
                     content_request_id=cid,
                     attempt=0,  # set by the store's admit
                     prompt_id=str(uuid7()),
-                    instance=self.instance,
+                    instance=self.instance if here else "",
                     workflow=request.canonical,
                     fingerprint=request.fingerprint,
+                    epoch=1 if here else 0,  # a claim raises it
                     created_at=self.clock(),
                 )
                 try:
@@ -105,6 +112,8 @@ class Admission:
                     return await self._replay(blocking, request)
             finally:
                 runs.admitting -= 1
+                if claims is not None and here:
+                    claims.unreserve()
         # INFO has one line per job, its outcome (see Settler); a line here would cost
         # intake ~37 µs of loop time per request in ComfyUI's log handler (measured).
         log.debug("[courier] queued id=%s attempt=%s prompt=%s", cid, job.attempt, job.prompt_id)
@@ -130,6 +139,10 @@ class Admission:
         if isinstance(admitted, Job):
             return admitted, 0
         job.attempt = admitted
+        if not job.instance:  # waiting for a host: in the fleet's line, not on this ComfyUI
+            assert self.claims is not None
+            self.claims.waiting += 1
+            return None, self.claims.waiting - 1
         position = self.queue.next_position()
         self.runs.add(Run(job, uses_node))
         self.runs.unqueued[job.prompt_id] = None
@@ -142,8 +155,8 @@ class Admission:
         outputs: list[str],
         answer: tuple[Job | None, int],
     ) -> None:
-        if answer[0] is not None:
-            return  # a replay or a conflict: nothing was admitted
+        if answer[0] is not None or not job.instance:
+            return  # a replay or a conflict (nothing was admitted), or a waiting job
         del self.runs.unqueued[job.prompt_id]
         run = self.runs.get(job.prompt_id)
         if run is None or run.completed:

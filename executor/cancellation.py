@@ -1,14 +1,17 @@
 """DELETE /execute-workflow/{id}: off ComfyUI's queue, or interrupted while it runs.
 
-A job of another instance sharing the store is flagged there; that instance's watch
-acts on the flag (`apply_requests`).
+A job of another instance sharing the store is flagged there; that instance acts on the
+flag (`apply_requests`): told at once by the store's notice where it has them (Postgres),
+else on its watch's next poll. A job still waiting for a host is ended at once, anywhere.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
+from . import intake
 from .comfy_port import ComfyPort
 from .errors import Conflict, NotFound
 from .jobs import ErrorType, Job, JobState
@@ -47,6 +50,13 @@ class Cancellation:
                 raise NotFound(f"no job with content_request_id {content_request_id!r}")
             run = self.runs.get(job.prompt_id)
             cancellable = job.state in (JobState.QUEUED, JobState.RUNNING)
+            if cancellable and run is None and not job.instance:
+                if await self._cancel_waiting(job):
+                    return await self.status(content_request_id)
+                # a host claimed it meanwhile: ask that host
+                job = await self.store.latest(content_request_id) or job
+                run = self.runs.get(job.prompt_id)
+                cancellable = job.state in (JobState.QUEUED, JobState.RUNNING)
             if cancellable and run is None and job.instance != self.instance:
                 await self._cancel_elsewhere(job)
                 return await self.status(content_request_id)
@@ -74,6 +84,16 @@ class Cancellation:
             log.warning(
                 "[courier] cancel id=%s: prompt not running, waiting", job.content_request_id
             )
+
+    async def _cancel_waiting(self, job: Job) -> bool:
+        """A job waiting for a host (a shared store): ended here with its one event; False
+        if a host claimed it first (its claim raised the epoch this write carries)."""
+        workflow = json.loads(job.workflow)
+        job.instance = self.instance  # its event is sent from here
+        run = Run(job, intake.uses_courier_node(workflow), completed=True)
+        return await self.settler.finish(
+            run, ErrorType.CANCELLED, "cancelled before it ran (DELETE request)"
+        )
 
     async def _cancel_elsewhere(self, job: Job) -> None:
         """A job of another ComfyUI sharing this journal (one per GPU behind one address).

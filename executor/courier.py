@@ -22,6 +22,7 @@ from typing import Any
 from . import intake, redelivery
 from .admission import Admission
 from .cancellation import Cancellation
+from .claims import Claimer
 from .comfy_port import ComfyPort
 from .comfy_queue import ComfyQueue
 from .delivery import Deliverer
@@ -39,7 +40,7 @@ from .settle import Settler
 from .status import StatusReader
 from .status_updates import StatusNotifier
 from .storage import Storage
-from .store import OutboxEvent, Store
+from .store import Fleet, OutboxEvent, Store
 from .tasks import Background
 from .uploads import Uploader
 from .watch import QueueWatch
@@ -73,7 +74,9 @@ class Courier:
         self.deliverer = deliverer
         self.clock = clock  # wall: only for times the store keeps
         self.monotonic = monotonic  # durations measured in this process
-        self.metrics = metrics = metrics or Metrics()
+        # a store shared by several hosts (Postgres): waiting jobs, claims, notices
+        self.fleet = fleet = store if isinstance(store, Fleet) else None
+        self.metrics = metrics = metrics or Metrics(instance if fleet is not None else None)
         if deliverer is not None:
             deliverer.on_outcome = lambda outcome: metrics.callback_attempts.labels(outcome).inc()
         self.ready = asyncio.Event()
@@ -108,6 +111,35 @@ class Courier:
         )  # fmt: skip
         self.retention = Retention(settings, store, clock, metrics)
         self.health_report = Health(settings, comfy, store, storage, runs, metrics, deliverer)
+        self.claims: Claimer | None = None
+        if fleet is not None:
+            self._join_fleet(fleet)
+
+    def _join_fleet(self, fleet: Fleet) -> None:
+        """Work goes to idle hosts: a job this host cannot start now waits in the store
+        for any host's claimer; DELETEs and new jobs reach hosts by the store's notices."""
+        deliverer = self.deliverer
+        self.claims = claims = Claimer(
+            fleet, self.runs, self.queue, self.settler, self.instance, self.clock, self.metrics,
+            on_poll=deliverer.wake if deliverer is not None else lambda: None,
+        )  # fmt: skip
+        self.runs.on_free = claims.wake
+        self.admission.claims = claims
+        self.status_reader.fleet = fleet
+        self.recovery.fleet = fleet
+        self.recovery.on_released = claims.wake
+        self.health_report.fleet = fleet
+        self.health_report.claims = claims
+        self.health_report.clock = self.clock
+
+    def _notice(self, kind: str, argument: str) -> None:
+        """A notice from the store: a job waits, a DELETE for this host, or (after the
+        listener reconnected) either may have been missed."""
+        if self.claims is not None:
+            self.claims.notice(kind, argument)
+        if (kind == "cancel" and argument == self.instance) or kind == "reconnected":
+            if self.ready.is_set() and self.runs.by_prompt:
+                self.background.spawn(self.cancellation.apply_requests())
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -142,6 +174,9 @@ class Courier:
         spawn(self.retention.run())
         if self.deliverer is not None:
             spawn(self.deliverer.run())
+        if self.fleet is not None and self.claims is not None:
+            spawn(self.fleet.listen(self._notice))
+            spawn(self.claims.run())
 
     def _twin(self) -> None:
         self.twin = True

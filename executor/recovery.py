@@ -22,7 +22,7 @@ from .jobs import ErrorType, Job, JobState
 from .runs import Run, Runs
 from .settings import Settings
 from .settle import Settler
-from .store import Store
+from .store import Fleet, Store
 from .tasks import Background
 from .uploads import Uploader
 
@@ -69,6 +69,12 @@ class Recovery:
         self._last_beat: tuple[float, float] | None = None  # (wall, monotonic)
         self._adopt_after = -float("inf")  # monotonic: no adoption before (a clock step)
         self.beats = 0
+        # a store shared by several hosts: runs that ended with their host wait for any host
+        self.fleet: Fleet | None = None
+        self.on_released: Callable[[], None] = lambda: None
+        # when the heartbeat came back after failing: every host's was failing too (the
+        # store was down), so none is taken over until they have had time to beat again
+        self.store_back_at: float | None = None
 
     @property
     def heartbeat_interval(self) -> float:
@@ -83,12 +89,20 @@ class Recovery:
 
     async def beat(self) -> None:
         """One heartbeat, the fencing check, and the adoption of silent instances' work."""
+        self._notice_clock_step()
         try:
-            self._notice_clock_step()
             await self.store.heartbeat(self.instance, self.clock())
-            self.beats += 1
+        except Exception as e:
+            if self.store_back_at is None or self.store_back_at >= 0:
+                log.error("[courier] heartbeat failed: %s", e)
+            self.store_back_at = -1.0  # failing
+            return
+        if self.store_back_at is not None and self.store_back_at < 0:
+            self.store_back_at = self.clock()
+        self.beats += 1
+        try:
             await self.fencing.check()
-            if await self.adopt_orphans():
+            if self._may_adopt() and await self.adopt_orphans():
                 await self.recover()
         except Exception:
             log.exception("[courier] heartbeat failed")
@@ -116,6 +130,10 @@ class Recovery:
                 step,
                 pause,
             )
+
+    def _may_adopt(self) -> bool:
+        back = self.store_back_at
+        return back is None or (back >= 0 and self.clock() - back >= self.settings.takeover_after)
 
     async def adopt_orphans(self) -> list[str]:
         if not self.enabled or self.monotonic() < self._adopt_after:
@@ -177,6 +195,18 @@ class Recovery:
             return
         old_prompt_id = job.prompt_id
         job.prompt_id = str(uuid7())
+        if self.fleet is not None:
+            # any host may run it again: it waits at its old place in the fleet's line
+            epoch = await self.fleet.released(old_prompt_id, job.prompt_id, self.clock())
+            if epoch is not None:
+                log.info(
+                    "[courier] released id=%s attempt=%s to the fleet (run %s)",
+                    job.content_request_id,
+                    job.attempt,
+                    job.runs + 1,
+                )
+                self.on_released()
+            return
         try:
             prompt, outputs = await self.queue.validated_prompt(job, workflow)
         except WorkflowRejected as e:

@@ -10,6 +10,7 @@ import asyncio
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class Runs:
         self.admitting = 0  # requests between the queue-limit check and their insert
         self.done_seen: set[str] = set()  # written by ComfyUI's worker thread
         self.recent: deque[float] = deque(maxlen=20)  # start to end, s (Retry-After)
+        # told when a run leaves execution or ends: a host sharing its store claims the next
+        self.on_free: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.by_prompt)
@@ -57,7 +60,15 @@ class Runs:
         self.by_prompt[run.job.prompt_id] = run
 
     def pop(self, prompt_id: str) -> Run | None:
-        return self.by_prompt.pop(prompt_id, None)
+        run = self.by_prompt.pop(prompt_id, None)
+        if run is not None:
+            self.freed()
+        return run
+
+    def freed(self) -> None:
+        """A run left ComfyUI's execution (its uploads may go on) or ended."""
+        if self.on_free is not None:
+            self.on_free()
 
     def unqueued_position(self, prompt_id: str) -> int:
         return list(self.unqueued).index(prompt_id)

@@ -10,7 +10,7 @@ from .errors import NotFound
 from .jobs import CallbackSummary, Job, JobState, status_body
 from .runs import Runs
 from .settings import Settings
-from .store import Store
+from .store import Fleet, Store
 
 
 class StatusReader:
@@ -19,6 +19,7 @@ class StatusReader:
         self.store = store
         self.runs = runs
         self.queue = queue
+        self.fleet: Fleet | None = None  # a store shared by several hosts
 
     async def __call__(self, content_request_id: str) -> dict[str, Any]:
         job = await self.store.latest(content_request_id)
@@ -33,6 +34,8 @@ class StatusReader:
         position = progress = None
         if not job.final:
             position = self.queue.position(job.prompt_id, snapshot)
+            if self.fleet is not None and not job.instance and job.state is JobState.QUEUED:
+                position = await self.fleet.waiting_ahead(job.created_at)  # the fleet's line
             run = self.runs.get(job.prompt_id)
             progress = run.progress if run is not None else None
             if progress is None and job.state is JobState.QUEUED:

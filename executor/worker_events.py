@@ -103,6 +103,7 @@ class WorkerEvents:
             return
         run.completed = True
         self.background.spawn(self.settler.complete(run, completion))
+        self.runs.freed()
 
     def images_saved(
         self,

@@ -204,3 +204,45 @@ async def test_a_cancelled_job_whose_uploads_cannot_resume_is_not_run_again(make
     final = await second.wait_final("cu2")
     assert final["error_type"] == "cancelled"
     assert second.comfy.prompt_queue.get_tasks_remaining() == 0
+
+
+async def test_after_a_store_outage_no_host_is_taken_over_until_all_could_beat_again(
+        make_harness, monkeypatch):
+    """When the store was down, every host's heartbeat was failing: the first to get through
+    must not take the others over before they have had COURIER_TAKEOVER_AFTER to beat."""
+    from comfy_courier.executor.errors import StoreError
+
+    h = await make_harness(env={"COURIER_TAKEOVER_AFTER": "1"})
+    recovery, store = h.courier.recovery, h.courier.store
+    now = [1000.0]
+    recovery.clock = lambda: now[0]
+    beats: list[str] = []
+    adoptions: list[float] = []
+    down = [True]
+    real_heartbeat = store.heartbeat
+
+    async def heartbeat(instance, at):
+        if down[0]:
+            beats.append("failed")
+            raise StoreError("journal: the database is restarting")
+        beats.append("ok")
+        await real_heartbeat(instance, at)
+
+    async def adopt_stale(instance, at, stale_after):
+        adoptions.append(at)
+        return []
+
+    monkeypatch.setattr(store, "heartbeat", heartbeat)
+    monkeypatch.setattr(store, "adopt_stale", adopt_stale)
+
+    async def until(predicate):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(until(lambda: beats.count("failed") >= 2), 10)
+    down[0] = False
+    await asyncio.wait_for(until(lambda: beats.count("ok") >= 3), 10)
+    assert adoptions == []  # back for less than COURIER_TAKEOVER_AFTER (by the clock)
+    now[0] += 1.0
+    await asyncio.wait_for(until(lambda: adoptions), 10)
+    assert adoptions[0] == 1001.0

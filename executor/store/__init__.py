@@ -5,6 +5,6 @@
 `Store`, chosen by `wiring.build_store`.
 """
 
-from .base import DuplicateAttempt, OutboxEvent, Store
+from .base import DuplicateAttempt, Fleet, OutboxEvent, Store
 
-__all__ = ["DuplicateAttempt", "OutboxEvent", "Store"]
+__all__ = ["DuplicateAttempt", "Fleet", "OutboxEvent", "Store"]

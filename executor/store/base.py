@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..jobs import CallbackSummary, Job, JobState, Output
 
@@ -172,3 +172,39 @@ class Store(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Fleet(Protocol):
+    """What a store shared by several hosts adds (the Postgres store; not SQLite).
+
+    A job admitted with no instance (`Job.instance == ""`, epoch 0) waits for a host; any
+    host claims waiting jobs when its ComfyUI can start one. Hosts are told of new waiting
+    jobs and of DELETEs for their jobs through `listen`.
+    """
+
+    async def claim(self, instance: str, limit: int) -> tuple[list[Job], int]:
+        """Up to `limit` waiting jobs, oldest first, now `instance`'s under a new epoch;
+        and how many still wait."""
+        ...
+
+    async def count_waiting(self) -> int: ...
+
+    async def waiting_ahead(self, created_at: float) -> int:
+        """Waiting jobs accepted before `created_at` (a waiting job's queue position)."""
+        ...
+
+    async def released(self, old_prompt_id: str, new_prompt_id: str, now: float) -> int | None:
+        """A job of a dead or restarted run waits for any host again (a new prompt_id, its
+        epoch raised, one more run counted); its epoch, None if it ended meanwhile."""
+        ...
+
+    async def live_hosts(self, now: float, within: float) -> int:
+        """Hosts whose last heartbeat is at most `within` seconds old."""
+        ...
+
+    async def listen(self, notice: Callable[[str, str], None]) -> None:
+        """Forever: `notice(kind, argument)` for "job" (a job waits; argument "") and
+        "cancel" (argument: the host asked to cancel one of its jobs); "reconnected" when
+        notices may have been missed. Reconnects by itself."""
+        ...

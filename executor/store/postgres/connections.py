@@ -234,6 +234,30 @@ class Connections:
         self.unlock_instance()
 
 
+class Rows:
+    """Statement helpers of the store and its mixins (outbox.py, fleet.py)."""
+
+    db: Connections
+    channel: str  # the fleet's LISTEN/NOTIFY channel
+    _s: str  # the quoted schema name
+
+    async def _one(self, conn: Conn, sql: str, *params: Any) -> dict[str, Any] | None:
+        cur = await conn.execute(sql, params)
+        return await cur.fetchone()
+
+    async def _all(self, conn: Conn, sql: str, *params: Any) -> list[dict[str, Any]]:
+        cur = await conn.execute(sql, params)
+        return await cur.fetchall()
+
+    async def _count(self, conn: Conn, sql: str, *params: Any) -> int:
+        cur = await conn.execute(sql, params)
+        return cur.rowcount
+
+    async def _write(self, sql: str, *params: Any) -> int:
+        """One statement through the writer: its row count."""
+        return int(await self.db.submit(self._count, sql, *params))
+
+
 async def migrate(conn: Conn, schema: str) -> None:
     """Create or upgrade the schema to SCHEMA_VERSION; several hosts may run it at once."""
     s = quoted(schema)

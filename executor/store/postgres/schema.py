@@ -20,6 +20,7 @@ from typing import Any
 from ...jobs import ErrorType, Job, JobState, Output
 from ..base import OutboxEvent
 
+FINAL = "('success', 'error')"  # in SQL: the final states
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 # (version, statements); {s} is the quoted schema name
