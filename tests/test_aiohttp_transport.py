@@ -207,3 +207,57 @@ async def test_stopping_the_courier_closes_the_storage_connections(make_harness,
     assert session is not None and not session.closed
     await h.courier.stop()
     assert session.closed
+
+
+async def proxy_server(seen: list[str]) -> tuple[asyncio.Server, int]:
+    """A forward proxy that answers every request itself and notes its request line."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n", 1)[0].decode())
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nvia proxy")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_the_environments_proxy_is_used_as_httpx_would(monkeypatch):
+    seen: list[str] = []
+    proxy, port = await proxy_server(seen)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    try:
+        async with client() as http:  # the transport reads the environment when it is made
+            answer = await http.get("http://storage.example.invalid/object/x")
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+    assert answer.text == "via proxy"
+    assert seen == ["GET http://storage.example.invalid/object/x HTTP/1.1"]
+
+
+async def test_no_proxy_hosts_are_reached_directly(monkeypatch):
+    seen: list[str] = []
+    proxy, port = await proxy_server(seen)
+    routes = web.RouteTableDef()
+
+    @routes.get("/direct")
+    async def direct(request: web.Request) -> web.Response:
+        return web.Response(text="direct")
+
+    server = await serve(routes)
+    for name in ("no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    try:
+        async with client() as http:
+            answer = await http.get(str(server.make_url("/direct")))
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+        await server.close()
+    assert answer.text == "direct" and seen == []
