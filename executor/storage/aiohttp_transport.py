@@ -10,18 +10,17 @@ What httpx did at this level, this does too: the timeouts httpx hands down (conn
 its TLS context (`httpx.create_ssl_context`: certifi, or SSL_CERT_FILE/SSL_CERT_DIR), proxies
 from the environment, no redirects (httpx follows them itself), bodies passed through
 undecoded (httpx decodes them), and aiohttp's failures raised as the httpx errors callers
-already handle. The environment's proxies are read once, as httpx does: aiohttp's
-`trust_env` would look them up, and ~/.netrc, on a worker thread for every request, two
-thread hand-offs that cost the loop more than the request itself (py-spy, 0.3.64).
+already handle. The environment's proxies are read once, as httpx does (proxies.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import aiohttp
 import httpx
+
+from ..proxies import Proxies
 
 # Set by aiohttp from the body it sends; httpx's values would describe another framing.
 _HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
@@ -33,18 +32,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
-        self._proxies = urllib.request.getproxies()  # HTTP(S)_PROXY, ALL_PROXY, NO_PROXY
+        self._proxies = Proxies()  # HTTP(S)_PROXY, ALL_PROXY, NO_PROXY, read once
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=httpx.create_ssl_context())
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._session
-
-    def _proxy(self, url: httpx.URL) -> str | None:
-        if not self._proxies or urllib.request.proxy_bypass(url.host):
-            return None
-        return self._proxies.get(url.scheme) or self._proxies.get("all")
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         limits = request.extensions.get("timeout") or {}
@@ -69,7 +63,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
-                proxy=self._proxy(request.url),
+                proxy=self._proxies.for_url(str(request.url)),
                 timeout=timeout,
                 # httpx's own headers are all in `headers`; aiohttp adds none of its own
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
