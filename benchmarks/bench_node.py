@@ -150,8 +150,58 @@ def install_trace() -> None:
     PromptServer.instance.routes.get("/courier-bench/trace")(trace)
 
 
+# -- garbage collections (always): what stops every thread of ComfyUI at once -----------
+#
+# A collection runs in whichever thread allocated (ComfyUI's worker also calls gc.collect()
+# itself every 10 s between prompts) and holds the GIL throughout: with ComfyUI's heap a full
+# one takes hundreds of milliseconds. GET /courier-bench/gc returns those over 5 ms (start
+# as time.time(), like ComfyUI's history timestamps) and clears them.
+
+GC_PAUSES: list[dict[str, Any]] = []
+_gc_started: dict[int, float] = {}
+
+
+def _gc_hook(phase: str, info: dict[str, Any]) -> None:
+    import threading
+
+    thread = threading.get_ident()
+    if phase == "start":
+        _gc_started[thread] = time.perf_counter()
+        return
+    started = _gc_started.pop(thread, None)
+    if started is None:
+        return
+    seconds = time.perf_counter() - started
+    if seconds >= 0.005:
+        GC_PAUSES.append(
+            {
+                "start": time.time() - seconds,
+                "ms": seconds * 1000,
+                "generation": info.get("generation"),
+                "thread": threading.current_thread().name,
+            }
+        )
+
+
+def install_gc_log() -> None:
+    import gc
+
+    from aiohttp import web
+    from server import PromptServer
+
+    gc.callbacks.append(_gc_hook)
+
+    async def pauses(request: web.Request) -> web.Response:
+        out = list(GC_PAUSES)
+        GC_PAUSES.clear()
+        return web.json_response(out)
+
+    PromptServer.instance.routes.get("/courier-bench/gc")(pauses)
+
+
 if __name__ == "courier_bench_node":
     import os
 
+    install_gc_log()
     if os.environ.get("COURIER_BENCH_TRACE") == "1":
         install_trace()
