@@ -15,6 +15,8 @@ API_KEY = "bench-inbound-key-0123456789abcdef"
 CALLBACK_KEY = "bench-callback-key-0123456789abcdef"
 SERVICE_KEY = "bench-service-role-key-0123456789"
 BUCKET = "comfy-outputs"
+# Standard Webhooks secret: whsec_ + base64 of 24 bytes
+WEBHOOK_SECRET = "whsec_YmVuY2gtd2ViaG9vay1zZWNyZXQtMDEyMzQ1"
 
 
 def use_repo_package() -> None:

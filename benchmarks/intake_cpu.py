@@ -86,7 +86,7 @@ def main() -> int:
     rows: dict[str, list[dict[str, float]]] = {"prompt": [], "courier": []}
     with TempDir(args.keep, "intake-cpu-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_intake_server(tmp / "server", comfy, peers)
+        server = start_intake_server(tmp / "server", comfy, peers, "local")
         try:
             server.wait_up()
             for kind in ("courier", "prompt"):  # warm-up

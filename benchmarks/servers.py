@@ -107,6 +107,11 @@ class Server:
     def stop(self) -> None:
         stop_process(self.process)
 
+    def loop_cpu(self) -> float:
+        """CPU seconds of the server's main thread, where ComfyUI's server loop runs
+        (schedstat: nanoseconds, where stat counts 10 ms ticks)."""
+        return int(Path(f"/proc/{self.pid}/task/{self.pid}/schedstat").read_text().split()[0]) / 1e9
+
     def wait_up(self, timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -194,6 +194,9 @@ class Courier:
         self.store.release_instance()
         if self.deliverer is not None:
             await self.deliverer.close()
+        close_storage = getattr(self.storage, "aclose", None)  # its HTTP connections
+        if close_storage is not None:
+            await close_storage()
 
     def journal_lost(self) -> None:
         """The store lost calls in flight: requeue what it committed but never answered.

@@ -15,6 +15,7 @@ import httpx
 
 from ..errors import StorageError
 from ..quiet_http import QuietAsyncClient
+from .aiohttp_transport import AiohttpTransport
 
 # Answers worth trying again: the server or something in between was momentarily unable.
 _RETRYABLE_STATUS = {"408", "425", "429", "500", "502", "503", "504"}
@@ -56,8 +57,11 @@ class SupabaseStorage:
 
                 # Our own httpx client: its timeout bounds every upload, the client's
                 # deprecated timeout/verify arguments stay unused, and its requests stay
-                # out of ComfyUI's INFO log (quiet_http.py).
-                self._http = QuietAsyncClient(timeout=self._timeout, follow_redirects=True)
+                # out of ComfyUI's INFO log (quiet_http.py). Its requests go out over
+                # aiohttp: half the loop's CPU per upload (aiohttp_transport.py).
+                self._http = QuietAsyncClient(
+                    timeout=self._timeout, follow_redirects=True, transport=AiohttpTransport()
+                )
                 options = AsyncClientOptions(httpx_client=self._http)
                 self._client = await acreate_client(self._url, self._key, options=options)
         return self._client.storage

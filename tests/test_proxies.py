@@ -1,0 +1,99 @@
+"""The environment's proxies, read once: uploads and callbacks go through them as httpx's
+requests did, NO_PROXY hosts directly, and nothing is looked up per request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from comfy_courier.executor.delivery import Deliverer
+from comfy_courier.executor.jobs import Job, JobState
+from comfy_courier.executor.proxies import Proxies
+from comfy_courier.executor.store import OutboxEvent
+from comfy_courier.executor.store.sqlite.journal import Journal
+from comfy_courier.executor.store.sqlite.store import SqliteStore
+from comfy_courier.executor.store.sqlite.thread import JournalThread
+
+from test_delivery import BODY
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """A clean proxy environment; returns the setter."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch.setenv
+
+
+def test_no_proxy_configured_means_direct(proxy_env):
+    assert Proxies().for_url("https://abc.supabase.co/storage/v1/object/b/k") is None
+
+
+def test_scheme_proxies_all_proxy_and_no_proxy(proxy_env):
+    proxy_env("HTTPS_PROXY", "http://proxy.internal:3128")
+    proxy_env("ALL_PROXY", "http://fallback.internal:3128")
+    proxy_env("NO_PROXY", "localhost,.svc.cluster.local")
+    proxies = Proxies()
+    assert proxies.for_url("https://abc.supabase.co/x") == "http://proxy.internal:3128"
+    assert proxies.for_url("http://app.example/cb") == "http://fallback.internal:3128"
+    assert proxies.for_url("http://localhost:3000/cb") is None
+    assert proxies.for_url("http://web.default.svc.cluster.local/cb") is None
+
+
+def test_the_environment_is_read_when_made_not_per_request(proxy_env):
+    proxies = Proxies()
+    proxy_env("HTTP_PROXY", "http://later.internal:3128")
+    assert proxies.for_url("http://app.example/cb") is None
+
+
+@pytest.fixture
+async def outbox(tmp_path):
+    db = JournalThread(lambda: Journal(tmp_path / "p.sqlite3"))
+    store = SqliteStore(db)
+    job = Job("p1", 1, "pp1", "i", "{}", "f", created_at=0.0)
+    await db(Journal.insert, job)
+    job.state, job.finished_at = JobState.SUCCESS, 0.0
+    await db(Journal.finish, job, OutboxEvent("msg_p1", "p1", 1, BODY, 0, 0.0))
+    yield store
+    db.close()
+
+
+async def test_a_callback_goes_through_the_environments_proxy(proxy_env, outbox):
+    seen: list[str] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n", 1)[0].decode())
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    proxy_env("HTTP_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    deliverer = Deliverer(outbox, "i", "http://app.example.invalid/api/cb", None, ())
+    try:
+        assert await deliverer.dispatch_due() == 1
+        await deliverer.drain()
+    finally:
+        await deliverer.close()
+        server.close()
+        await server.wait_closed()
+    assert seen == ["POST http://app.example.invalid/api/cb HTTP/1.1"]
+    assert (await outbox.callback_summary("p1", 1)).state == "delivered"
+
+
+async def test_a_no_proxy_receiver_is_called_directly(proxy_env, outbox, receiver):
+    proxy_env("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens: a proxied call would fail
+    proxy_env("NO_PROXY", "127.0.0.1")
+    deliverer = Deliverer(outbox, "i", receiver.url, None, ())
+    try:
+        await deliverer.dispatch_due()
+        await deliverer.drain()
+    finally:
+        await deliverer.close()
+    assert len(receiver.requests) == 1
+    assert (await outbox.callback_summary("p1", 1)).state == "delivered"
