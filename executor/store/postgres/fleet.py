@@ -34,7 +34,9 @@ class FleetRows(Rows):
     """A mixin of `PostgresStore`: waiting jobs, claims and notices."""
 
     async def claim(self, instance: str, limit: int) -> tuple[list[Job], int]:
-        return await self.db.submit(self._claim, instance, limit)
+        """Beside the writer: the next job is claimed while this host's last one still has
+        writes queued (its upload records, its end), so its GPU waits for one round trip."""
+        return await self.db.beside(self._claim, instance, limit)
 
     async def _claim(self, conn: Conn, instance: str, limit: int) -> tuple[list[Job], int]:
         """One statement (one round trip): the claimed rows, and the waiting count as it
