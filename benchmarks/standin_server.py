@@ -189,6 +189,53 @@ def instrument(comfy: StandinComfy) -> None:
         return web.json_response(out)
 
 
+def fleet_probe(comfy: StandinComfy, courier: Any) -> None:
+    """--probe: wall-clock times (time.time(), comparable across processes on one machine)
+    of each prompt's admission commit, its put on ComfyUI's queue, and its execution start
+    and end; GET /bench/probe returns them and resets. For bench_fleet.py."""
+    import time
+
+    times: dict[str, dict[str, float]] = {"committed": {}, "put": {}, "start": {}, "end": {}}
+    queue = comfy.prompt_queue
+    store = courier.store
+    admit, put, get, task_done = store.admit, queue.put, queue.get, queue.task_done
+
+    async def probed_admit(job: Any, then: Any, after: Any) -> Any:
+        def committed(result: Any) -> Any:
+            times["committed"][job.prompt_id] = time.time()
+            return then(result)
+
+        return await admit(job, committed, after)
+
+    def probed_put(item: Any) -> Any:
+        times["put"][item[1]] = time.time()
+        return put(item)
+
+    def probed_get(*args: Any, **kwargs: Any) -> Any:
+        taken = get(*args, **kwargs)
+        if taken is not None:
+            times["start"][taken[0][1]] = time.time()
+        return taken
+
+    def probed_task_done(item_id: Any, *args: Any, **kwargs: Any) -> Any:
+        item = queue.currently_running.get(item_id)
+        if item is not None:
+            times["end"][item[1]] = time.time()
+        return task_done(item_id, *args, **kwargs)
+
+    store.admit = probed_admit
+    queue.put = probed_put  # type: ignore[method-assign]
+    queue.get = probed_get  # type: ignore[method-assign]
+    queue.task_done = probed_task_done  # type: ignore[method-assign]
+
+    @comfy.routes.get("/bench/probe")
+    async def report(request: web.Request) -> web.Response:
+        out = {name: dict(values) for name, values in times.items()}
+        for values in times.values():
+            values.clear()
+        return web.json_response(out)
+
+
 def build_courier(
     settings: Settings, adapter: Any, loop: asyncio.AbstractEventLoop, **options: Any
 ) -> Any:
@@ -217,6 +264,8 @@ async def main(args: argparse.Namespace) -> None:
     add_routes(comfy.routes, lambda: courier, settings)
     if args.instrument:
         instrument(comfy)
+    if args.probe:
+        fleet_probe(comfy, courier)
     sockets: dict[str, web.WebSocketResponse] = {}
     add_comfy_routes(comfy, sockets)
     notify_after_task_done(comfy, loop, sockets)
@@ -251,6 +300,9 @@ if __name__ == "__main__":
     parser.add_argument("--base", required=True)
     parser.add_argument("--version", default="0.3.64")
     parser.add_argument("--profile", help="cProfile the event-loop thread into this file")
+    parser.add_argument(
+        "--probe", action="store_true", help="time admissions, puts, starts, ends (bench_fleet)"
+    )
     parser.add_argument(
         "--schedule", help="callback retry delays in seconds, comma-separated (tests)"
     )

@@ -58,7 +58,8 @@ class Claimer:
         self.reserved = 0  # admissions claiming their job in their own transaction
         self.waiting = 0  # the fleet's waiting jobs, as last read (for the queue limit)
         self._counted_at = 0.0
-        self._wake = asyncio.Event()
+        self._woken = False  # woken while claiming: claim again before waiting
+        self._waiter: asyncio.Future[bool] | None = None
         self._counting: asyncio.Future[None] | None = None
 
     # -- room on this host ----------------------------------------------------------------
@@ -82,7 +83,15 @@ class Claimer:
         self.wake()  # the admission may have ended without a job
 
     def wake(self) -> None:
-        self._wake.set()
+        """Claim as soon as the loop can: the claimer awaits a bare future, so it runs at
+        the loop's next pass (an Event would take several)."""
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(False)
+
+    def _poll(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
 
     def notice(self, kind: str, argument: str) -> None:
         """The store's notices: a job waits, or the listener reconnected (notices lost)."""
@@ -92,14 +101,19 @@ class Claimer:
     # -- claiming -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            waiter = asyncio.ensure_future(self._wake.wait())
-            try:
-                done, _ = await asyncio.wait({waiter}, timeout=POLL_INTERVAL)
-            finally:
-                waiter.cancel()
-            self._wake.clear()
-            if not done:
+            polled = False
+            if not self._woken:
+                self._waiter = loop.create_future()
+                timer = loop.call_later(POLL_INTERVAL, self._poll)
+                try:
+                    polled = await self._waiter
+                finally:
+                    timer.cancel()
+                    self._waiter = None
+            self._woken = False
+            if polled:
                 self.on_poll()
             try:
                 await self.once()

@@ -102,8 +102,8 @@ class WorkerEvents:
             self.runs.done_seen.discard(completion.prompt_id)
             return
         run.completed = True
+        self.runs.freed()  # first: a host sharing its store claims the next job at once
         self.background.spawn(self.settler.complete(run, completion))
-        self.runs.freed()
 
     def images_saved(
         self,

@@ -22,7 +22,8 @@ SERVER = REPO / "benchmarks" / "standin_server.py"
 
 
 class Host:
-    def __init__(self, index: int, folder: Path, env: dict[str, str], schedule: str | None):
+    def __init__(self, index: int, folder: Path, env: dict[str, str], schedule: str | None,
+                 extra: tuple[str, ...] = ()):
         self.index = index
         self.name = f"host-{index}"
         self.port = free_port()
@@ -32,6 +33,7 @@ class Host:
         args = [sys.executable, str(SERVER), "--port", str(self.port), "--base", str(self.base)]
         if schedule:
             args += ["--schedule", schedule]
+        args += extra
         self._out = self.log.open("wb")
         self.process = subprocess.Popen(
             args, env={**os.environ, **env, "COURIER_INSTANCE": self.name},
@@ -60,8 +62,9 @@ class Fleet:
     """`Fleet(folder, env)`, then `start(n)`; `client(i)` talks to host i (1-based)."""
 
     def __init__(self, folder: Path, env: dict[str, str], api_key: str,
-                 schedule: str | None = None) -> None:
+                 schedule: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.folder = folder
+        self.extra = extra  # more standin_server.py arguments (--probe)
         self.env = env
         self.api_key = api_key
         self.schedule = schedule
@@ -71,7 +74,8 @@ class Fleet:
     def start(self, n: int) -> list[Host]:
         """Start n more hosts at once (they migrate an empty schema together)."""
         first = len(self.hosts) + 1
-        new = [Host(i, self.folder, self.env, self.schedule) for i in range(first, first + n)]
+        new = [Host(i, self.folder, self.env, self.schedule, self.extra)
+               for i in range(first, first + n)]
         self.hosts += new
         return new
 

@@ -13,9 +13,9 @@ from collections import defaultdict
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from fleet_hosts import Fleet
 
 from conftest import API_KEY, CALLBACK_KEY, SERVICE_KEY, Received, Receiver, model_free
+from fleet_hosts import Fleet
 from pgcluster import Cluster, find_bindir
 from test_fault_injection import assert_one_event_each
 from test_job_outcomes import slow_workflow

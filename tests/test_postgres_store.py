@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from comfy_courier.executor.errors import NotConfigured, StoreError
-from comfy_courier.executor.jobs import Job, JobState
+from comfy_courier.executor.jobs import Job, JobState, Output
 from comfy_courier.executor.settings import Settings
 from comfy_courier.executor.store import OutboxEvent
 
@@ -312,3 +312,108 @@ async def test_a_courier_started_before_its_database_waits_for_it(tmp_path, monk
         await courier.stop()
         await courier.store.aclose()
         await asyncio.to_thread(cluster.remove)
+
+
+async def test_two_hosts_admitting_one_id_at_once_accept_one_attempt(make_store):
+    """The one-statement admission meets a concurrent insert of the same attempt: it is
+    left out and decided again under the id's lock, as a replay of the other's."""
+    one, two = make_store(), make_store()
+    await admitted(one, job("warm", "pw"))  # both connected: the race is on the insert
+    await two.latest("warm")
+    for n in range(30):
+        results = await asyncio.gather(
+            one.admit(job(f"race{n}", f"a{n}"), lambda r: r, lambda _: None),
+            two.admit(job(f"race{n}", f"b{n}", instance="b:1"), lambda r: r, lambda _: None),
+        )
+        assert sorted(type(r).__name__ for r in results) == ["Job", "int"], results
+        [winner] = [r for r in results if isinstance(r, int)]
+        [replay] = [r for r in results if isinstance(r, Job)]
+        assert winner == replay.attempt == 1
+    assert await one.count_unfinished() == 31
+
+
+# -- waiting jobs and claims ----------------------------------------------------------
+
+
+def waiting(cid: str, at: float) -> Job:
+    new = job(cid, f"p-{cid}", instance="")
+    new.epoch, new.created_at = 0, at
+    return new
+
+
+async def test_hosts_claim_waiting_jobs_oldest_first_each_job_once(make_store):
+    one, two = make_store(), make_store()
+    for cid, at in (("late", 3.0), ("early", 1.0), ("middle", 2.0)):
+        await admitted(one, waiting(cid, at))
+    assert await one.count_waiting() == 3 and await one.waiting_ahead(3.0) == 2
+    assert await one.unfinished("a:1") == []  # nobody's until claimed
+    claims = await asyncio.gather(one.claim("a:1", 1), two.claim("b:1", 1))
+    taken = sorted(j.content_request_id for jobs, _ in claims for j in jobs)
+    assert taken == ["early", "middle"]  # never the same one twice
+    [(jobs, left)] = [c for c in claims if c[0][0].content_request_id == "early"]
+    assert jobs[0].instance in ("a:1", "b:1") and jobs[0].epoch == 1 and left in (1, 2)
+    rest, left = await one.claim("a:1", 5)
+    assert [j.content_request_id for j in rest] == ["late"] and left == 0
+    assert await one.claim("a:1", 5) == ([], 0)
+    # a waiting job's epoch is 0: a cancel written with it loses to a claim
+    assert not await one.set_state("p-late", JobState.RUNNING, epoch=0)
+
+
+async def test_a_released_job_waits_again_at_its_old_place(make_store):
+    store = make_store()
+    await admitted(store, waiting("old", 1.0))
+    [claimed], _ = await store.claim("a:1", 1)
+    await admitted(store, waiting("new", 2.0))
+    await store.record_image(claimed, 1, Output("9", 0, "old/1-1.jpg", "image/jpeg", 1, 1, 1))
+    assert await store.released("p-old", "p-old-2", 5.0) == 2
+    latest = await store.latest("old")
+    assert (latest.instance, latest.prompt_id, latest.runs, latest.epoch) == (
+        "", "p-old-2", 2, 2)
+    assert await store.images("old", 1) == []
+    [again], _ = await store.claim("b:1", 1)  # before the newer job: oldest first
+    assert again.content_request_id == "old" and again.epoch == 3
+    assert await store.released("nope", "x", 5.0) is None
+    assert await store.live_hosts(10.0, 5.0) == 0
+    await store.heartbeat("a:1", 9.0)
+    assert await store.live_hosts(10.0, 5.0) == 1
+
+
+async def test_hosts_hear_of_waiting_jobs_and_of_cancels_for_them(make_store):
+    listener, sender = make_store(), make_store()
+    heard: list[tuple[str, str]] = []
+    task = asyncio.ensure_future(listener.listen(lambda kind, arg: heard.append((kind, arg))))
+    try:
+        while ("reconnected", "") not in heard:
+            await asyncio.sleep(0.01)
+        await admitted(sender, waiting("w", 1.0))
+        [claimed], _ = await sender.claim("gpu 7", 1)
+        assert await sender.request_cancel("w", 1)
+        while len(heard) < 3:
+            await asyncio.sleep(0.01)
+        assert heard == [("reconnected", ""), ("job", ""), ("cancel", "gpu 7")]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_listener_reconnects_and_says_notices_may_be_lost(make_store, postgres_url,
+                                                                    pg_schema, monkeypatch):
+    from comfy_courier.executor.store.postgres import fleet
+
+    monkeypatch.setattr(fleet, "LISTEN_RETRY", (0.01, 0.05))
+    listener = make_store(f"{postgres_url}?application_name=listen_{pg_schema}")
+    heard: list[str] = []
+    task = asyncio.ensure_future(listener.listen(lambda kind, arg: heard.append(kind)))
+    try:
+        while heard != ["reconnected"]:
+            await asyncio.sleep(0.01)
+        sql(postgres_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s", f"listen_{pg_schema}")
+        while heard.count("reconnected") < 2:
+            await asyncio.sleep(0.01)
+        await admitted(make_store(), waiting("after", 1.0))
+        while "job" not in heard:
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -174,6 +174,23 @@ class Connections:
             except psycopg.Error as e:
                 raise StoreError(f"database {self.where}: {_first_line(e)}") from e
 
+    async def beside(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """A write that need not wait for the writer's queue (a claim touches only rows no
+        queued write does), on a pooled connection. Never retried: a connection that broke
+        mid-call may have committed it, so `on_lost` is told to rescan instead."""
+        await self.ready()
+        pool = await self._read_pool()
+        try:
+            async with pool.connection() as conn:
+                try:
+                    return await fn(conn, *args)
+                except psycopg.OperationalError:
+                    if conn.broken and self.on_lost is not None:
+                        asyncio.get_running_loop().call_soon(self.on_lost)
+                    raise
+        except psycopg.Error as e:
+            raise StoreError(f"database {self.where}: {_first_line(e)}") from e
+
     async def _read_pool(self) -> AsyncConnectionPool[Conn]:
         if self._pool is None:
             pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(

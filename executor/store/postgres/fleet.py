@@ -34,23 +34,29 @@ class FleetRows(Rows):
     """A mixin of `PostgresStore`: waiting jobs, claims and notices."""
 
     async def claim(self, instance: str, limit: int) -> tuple[list[Job], int]:
-        return await self.db.submit(self._claim, instance, limit)
+        """Beside the writer: the next job is claimed while this host's last one still has
+        writes queued (its upload records, its end), so its GPU waits for one round trip."""
+        return await self.db.beside(self._claim, instance, limit)
 
     async def _claim(self, conn: Conn, instance: str, limit: int) -> tuple[list[Job], int]:
+        """One statement (one round trip): the claimed rows, and the waiting count as it
+        was before them."""
         s = self._s
         rows = await self._all(
             conn,
             f"WITH picked AS (SELECT content_request_id, attempt FROM {s}.jobs WHERE {WAITING}"
-            " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED)"
-            f" UPDATE {s}.jobs j SET instance = %s, epoch = j.epoch + 1 FROM picked"
+            " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED),"
+            f" claimed AS (UPDATE {s}.jobs j SET instance = %s, epoch = j.epoch + 1 FROM picked"
             " WHERE j.content_request_id = picked.content_request_id"
-            " AND j.attempt = picked.attempt RETURNING j.*",
+            " AND j.attempt = picked.attempt RETURNING j.*)"
+            " SELECT to_jsonb(claimed) AS job, NULL::bigint AS waiting FROM claimed"
+            f" UNION ALL SELECT NULL, count(*) FROM {s}.jobs WHERE {WAITING}",
             limit,
             instance,
         )
-        left = await self._one(conn, f"SELECT count(*) AS n FROM {s}.jobs WHERE {WAITING}")
-        jobs = sorted((job_of(r) for r in rows), key=lambda j: j.created_at)
-        return jobs, int(left["n"]) if left else 0
+        jobs = sorted((job_of(r["job"]) for r in rows if r["job"]), key=lambda j: j.created_at)
+        waiting = sum(int(r["waiting"]) for r in rows if r["waiting"] is not None)
+        return jobs, max(0, waiting - len(jobs))
 
     async def count_waiting(self) -> int:
         row = await self.db.read(

@@ -112,6 +112,40 @@ ALTER TABLE {s}.schema_version ENABLE ROW LEVEL SECURITY
 # The roles Supabase's REST API runs as: no grant of ours ever reaches them.
 API_ROLES = ("anon", "authenticated")
 
+# A lot's admission in one statement: each id's latest attempt (`prior`), the next attempt
+# inserted unless it blocks (Job.blocks: only a final error with the same workflow lets a
+# request start the next), older attempts' pending events dropped, the hosts told of a
+# job that waits. Rows: (cid, attempt) per insert, (cid, prior) per id that had one.
+ADMIT = """
+WITH lot AS (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+                         %s::int[], %s::int[], %s::float8[])
+        AS l(cid, prompt_id, instance, workflow, fingerprint, runs, epoch, created_at)),
+prior AS (
+    SELECT DISTINCT ON (j.content_request_id) j.* FROM {s}.jobs j
+    WHERE j.content_request_id IN (SELECT cid FROM lot)
+    ORDER BY j.content_request_id, j.attempt DESC),
+fresh AS (
+    INSERT INTO {s}.jobs (content_request_id, attempt, prompt_id, instance, state, workflow,
+                          fingerprint, runs, epoch, created_at)
+    SELECT l.cid, COALESCE(p.attempt, 0) + 1, l.prompt_id, NULLIF(l.instance, ''), 'queued',
+           l.workflow, l.fingerprint, l.runs, l.epoch, l.created_at
+    FROM lot l LEFT JOIN prior p ON p.content_request_id = l.cid
+    WHERE p.content_request_id IS NULL OR (p.fingerprint = l.fingerprint AND p.state = 'error')
+    ON CONFLICT DO NOTHING
+    RETURNING content_request_id, attempt, instance, created_at),
+dropped AS (
+    UPDATE {s}.outbox o SET state = 'dropped', updated_at = f.created_at FROM fresh f
+    WHERE o.content_request_id = f.content_request_id AND o.attempt < f.attempt
+      AND o.state = 'pending'
+    RETURNING 1),
+told AS (
+    SELECT pg_notify(%s, 'job') FROM (SELECT 1 FROM fresh WHERE instance IS NULL LIMIT 1) w)
+SELECT content_request_id AS cid, attempt, NULL::jsonb AS prior FROM fresh
+UNION ALL SELECT content_request_id, NULL, to_jsonb(prior) FROM prior
+UNION ALL SELECT NULL, NULL, NULL FROM told
+"""
+
 JOB_COLUMNS = (
     "content_request_id, attempt, prompt_id, instance, state, workflow, fingerprint, runs,"
     " epoch, created_at"
