@@ -224,7 +224,9 @@ def main() -> int:
                 order += [None, 0.0, args.delay, args.delay, 0.0, None]
             for seq, delay in enumerate(order):
                 if delay is None:
+                    cpu0 = server.loop_cpu()
                     result = asyncio.run(run_plain_batch(server.url, make, args.jobs, seq))
+                    result["loop_cpu_ms"] = (server.loop_cpu() - cpu0) * 1000
                     plain.append(result["span_ms"])
                     batches["plain"].append(result)
                     rows.append(
@@ -240,7 +242,9 @@ def main() -> int:
                     server.drain()
                     continue
                 peers.set_delay(delay)
+                cpu0 = server.loop_cpu()
                 result = asyncio.run(run_batch(server.url, peers, make, args.jobs, seq))
+                result["loop_cpu_ms"] = (server.loop_cpu() - cpu0) * 1000
                 spans[delay].append(result["span_ms"])
                 batches["instant" if delay == 0.0 else "slow"].append(result)
                 rows.append(
@@ -285,6 +289,10 @@ def main() -> int:
     print(
         "   late/instant without the GC pauses inside the spans: "
         f"{no_gc:.3f}x; of the sums of job executions: {execs:.3f}x"
+    )
+    print(
+        "   server loop thread CPU per batch (median): "
+        + ", ".join(f"{k} {median_of(k, 'loop_cpu_ms'):.0f} ms" for k in batches if batches[k])
     )
     print(f"RESULT worker span ratio     {ratio:.3f}x (target <= 1.05x)  {verdict(ratio <= 1.05)}")
     write_json(

@@ -197,8 +197,9 @@ async def test_a_storage_timeout_through_it_is_a_retryable_storage_error(storage
 
 
 async def test_stopping_the_courier_closes_the_storage_connections(make_harness, storage_server):
-    h = await make_harness(env={"SUPABASE_URL": storage_server.url,
-                                "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+    h = await make_harness(
+        env={"SUPABASE_URL": storage_server.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY}
+    )
     await h.post(model_free(), "close1")
     assert (await h.wait_final("close1"))["state"] == "success"
     transport = h.courier.storage._http._transport
