@@ -89,25 +89,28 @@ class Recovery:
 
     async def beat(self) -> None:
         """One heartbeat, the fencing check, and the adoption of silent instances' work."""
-        self._notice_clock_step()
+        # One instant for the whole beat: a clock step while the heartbeat is written must
+        # not make the adoption below read the siblings' beats with the stepped clock.
+        now = self.clock()
+        self._notice_clock_step(now)
         try:
-            await self.store.heartbeat(self.instance, self.clock())
+            await self.store.heartbeat(self.instance, now)
         except Exception as e:
             if self.store_back_at is None or self.store_back_at >= 0:
                 log.error("[courier] heartbeat failed: %s", e)
             self.store_back_at = -1.0  # failing
             return
         if self.store_back_at is not None and self.store_back_at < 0:
-            self.store_back_at = self.clock()
+            self.store_back_at = now
         self.beats += 1
         try:
             await self.fencing.check()
-            if self._may_adopt() and await self.adopt_orphans():
+            if self._may_adopt(now) and await self.adopt_orphans(now):
                 await self.recover()
         except Exception:
             log.exception("[courier] heartbeat failed")
 
-    def _notice_clock_step(self) -> None:
+    def _notice_clock_step(self, wall: float) -> None:
         """Pause adoption for COURIER_TAKEOVER_AFTER after a step of this host's wall clock.
 
         Heartbeats are wall-clock times compared between processes: no monotonic clock is
@@ -116,7 +119,7 @@ class Recovery:
         forward every sibling's last beat looks old by the step, until each has beaten
         again with the stepped clock (the instances of one journal share a host's clock).
         """
-        wall, mono = self.clock(), self.monotonic()
+        mono = self.monotonic()
         last, self._last_beat = self._last_beat, (wall, mono)
         if last is None:
             return
@@ -131,15 +134,15 @@ class Recovery:
                 pause,
             )
 
-    def _may_adopt(self) -> bool:
+    def _may_adopt(self, now: float) -> bool:
         back = self.store_back_at
-        return back is None or (back >= 0 and self.clock() - back >= self.settings.takeover_after)
+        return back is None or (back >= 0 and now - back >= self.settings.takeover_after)
 
-    async def adopt_orphans(self) -> list[str]:
+    async def adopt_orphans(self, now: float | None = None) -> list[str]:
         if not self.enabled or self.monotonic() < self._adopt_after:
             return []
         adopted = await self.store.adopt_stale(
-            self.instance, self.clock(), self.settings.takeover_after
+            self.instance, self.clock() if now is None else now, self.settings.takeover_after
         )
         for name in adopted:
             log.warning("[courier] adopted the unfinished work of silent instance %s", name)
