@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -235,6 +236,11 @@ class Connections:
     def unlock_instance(self) -> None:
         lock, self._instance_lock = self._instance_lock, None
         if lock is not None:
+            # Unlocked before the session closes: the server ends a closed session's
+            # backend (and drops its locks) a moment later, and a successor starting at
+            # once would find the name still held. A dead process's lock goes that way.
+            with contextlib.suppress(Exception):
+                lock.execute("SELECT pg_advisory_unlock_all()")
             lock.close()
 
     async def aclose(self) -> None:
