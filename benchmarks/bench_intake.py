@@ -19,7 +19,7 @@ empty queue, in two modes:
 COURIER_MAX_QUEUE is raised so no request is refused with 429; callbacks go to a receiver
 in another process.
 
-    python benchmarks/bench_intake.py [--quick] [--standin] [--json FILE]
+    python benchmarks/bench_intake.py [--quick] [--standin] [--json FILE] [--db postgresql://…]
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ def ui_prompt_body(wf: dict[str, Any]) -> bytes:
     return prompt_body(nodes, "bench-intake")
 
 
-def start_intake_server(base: Path, comfy: Path | None, peers: Peers) -> Server:
-    """The server the intake benchmarks measure: no 429s, callbacks to the peers' receiver."""
+def start_intake_server(
+    base: Path, comfy: Path | None, peers: Peers, db: dict[str, str] | None = None
+) -> Server:
+    """The server the intake benchmarks measure: no 429s, callbacks to the peers' receiver;
+    `db` the COURIER_DB settings of a PostgreSQL store (default: the SQLite journal)."""
     return start_server(
         base,
         comfy,
@@ -66,8 +69,26 @@ def start_intake_server(base: Path, comfy: Path | None, peers: Peers) -> Server:
             "COURIER_MAX_QUEUE": "1000000",
             "COURIER_CALLBACK_URL": peers.callback_url,
             "COURIER_CALLBACK_API_KEY": CALLBACK_KEY,
+            **(db or {}),
         },
     )
+
+
+class PostgresReader:
+    """JournalReader's check on the PostgreSQL store: a second connection, committed rows."""
+
+    def __init__(self, url: str, schema: str) -> None:
+        import psycopg
+
+        self._db = psycopg.connect(url, autocommit=True)
+        self._schema = schema
+
+    def committed(self, prompt_id: str) -> bool:
+        sql = f'SELECT 1 FROM "{self._schema}".jobs WHERE prompt_id = %s'
+        return self._db.execute(sql, (prompt_id,)).fetchone() is not None
+
+    def close(self) -> None:
+        self._db.close()
 
 
 async def latency_phase(
@@ -145,6 +166,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_size("--duration", 2.0, 5.0, "seconds per throughput phase")
     parser.add_size("--rounds", 1, 2, "throughput phases per endpoint and mode")
+    parser.add_argument(
+        "--db",
+        help="postgresql://…: measure the courier on this PostgreSQL (a fresh schema; "
+        "ComfyUI's Python needs psycopg: comfy-courier[postgres]) instead of SQLite",
+    )
     args = parser.parse()
     comfy = comfy_dir_of(args)
     n, duration, rounds = args.requests, args.duration, args.rounds
@@ -161,8 +187,17 @@ def main() -> int:
     }
     with TempDir(args.keep, "bench-intake-") as tmp:
         peers = start_peers(tmp / "peers.log")
-        server = start_intake_server(tmp / "server", comfy, peers)
-        reader = JournalReader(server.db)
+        db = None
+        reader: JournalReader | PostgresReader
+        if args.db:
+            schema = f"bench_{int(time.time())}"
+            db = {"COURIER_DB": args.db, "COURIER_DB_SCHEMA": schema}
+        server = start_intake_server(tmp / "server", comfy, peers, db)
+        if args.db:
+            server.wait_up()
+            reader = PostgresReader(args.db, schema)
+        else:
+            reader = JournalReader(server.db)
         try:
             server.wait_up()
             asyncio.run(latency_phase(server.url, wf, 10, gap, reader))  # warm-up

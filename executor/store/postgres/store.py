@@ -30,7 +30,7 @@ from . import dsn
 from .connections import Conn, Connections
 from .fleet import FleetRows
 from .outbox import LEASE, OutboxRows
-from .schema import ADMIT, FINAL, JOB_COLUMNS, job_of, job_values, output_of, quoted
+from .schema import ADMIT, ADMIT_NEW, FINAL, JOB_COLUMNS, job_of, job_values, output_of, quoted
 
 R = TypeVar("R")
 
@@ -49,6 +49,7 @@ class PostgresStore(OutboxRows, FleetRows):
         self._s = s = quoted(schema)
         self._admit: GroupCommit[Job, Job | int] = GroupCommit(self.db.submit, self._admit_many)
         self._admit_sql = ADMIT.format(s=s)
+        self._admit_new_sql = ADMIT_NEW.format(s=s)
         self._latest_sql = (
             f"SELECT DISTINCT ON (content_request_id) * FROM {s}.jobs"
             " WHERE content_request_id = ANY(%s) ORDER BY content_request_id, attempt DESC"
@@ -85,6 +86,15 @@ class PostgresStore(OutboxRows, FleetRows):
         lock, as are a lot's later requests for an id it already holds (the admission
         itself never sends two at once).
         """
+        if len(jobs) == 1 and jobs[0].instance:  # the usual: one request, a host free for it
+            job = jobs[0]
+            new = await self._one(
+                conn, self._admit_new_sql, job.content_request_id, job.prompt_id, job.instance,
+                job.workflow, job.fingerprint, job.runs, job.epoch, job.created_at,
+                job.content_request_id,
+            )  # fmt: skip
+            if new is not None:
+                return [1]
         answers: dict[int, Job | int] = {}
         firsts: dict[str, int] = {}
         for n, job in enumerate(jobs):
