@@ -4,6 +4,9 @@ Same guarantees as the SQLite journal: each method is one transaction (most are 
 statement), committed before it returns; a job's final state and its outbox event are
 written by one statement, once per attempt; writes are applied in call order (one
 writer connection, `connections.py`); admissions share transactions (group commit).
+Admissions and claims go beside that queue, on pooled connections: they write only new
+rows or waiting ones, which no queued write depends on, and a request must not wait
+behind another job's writes (with a database 10 ms away, one round trip each).
 
 Where hosts share the rows, a few methods mean more than on one host:
 - `admit` serialises requests for one id across hosts with a transaction-level advisory
@@ -42,12 +45,12 @@ STATE_FIELDS = {"started_at", "executed_at", "expected_images", "cancel_requeste
 class PostgresStore(OutboxRows, FleetRows):
     kind = "postgres"
 
-    def __init__(self, url: str, schema: str = "courier", pool_size: int = 2) -> None:
+    def __init__(self, url: str, schema: str = "courier", pool_size: int = 3) -> None:
         self.schema = schema
         self.channel = f"comfy_courier_{schema}"
         self.db = Connections(dsn.prepare(url), dsn.describe(url), schema, pool_size)
         self._s = s = quoted(schema)
-        self._admit: GroupCommit[Job, Job | int] = GroupCommit(self.db.submit, self._admit_many)
+        self._admit: GroupCommit[Job, Job | int] = GroupCommit(self.db.beside, self._admit_many)
         self._admit_sql = ADMIT.format(s=s)
         self._admit_new_sql = ADMIT_NEW.format(s=s)
         self._latest_sql = (
@@ -86,12 +89,12 @@ class PostgresStore(OutboxRows, FleetRows):
         lock, as are a lot's later requests for an id it already holds (the admission
         itself never sends two at once).
         """
-        if len(jobs) == 1 and jobs[0].instance:  # the usual: one request, a host free for it
+        if len(jobs) == 1:  # the usual: one request at a time
             job = jobs[0]
             new = await self._one(
                 conn, self._admit_new_sql, job.content_request_id, job.prompt_id, job.instance,
                 job.workflow, job.fingerprint, job.runs, job.epoch, job.created_at,
-                job.content_request_id,
+                job.content_request_id, self.channel,
             )  # fmt: skip
             if new is not None:
                 return [1]
