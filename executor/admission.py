@@ -105,7 +105,7 @@ class Admission:
                 uses_node = intake.uses_courier_node(request.workflow)
                 blocking, position = await self.store.admit(
                     job,
-                    partial(self.register, job, uses_node),
+                    partial(self.register, job, uses_node, waiting),
                     partial(self.put, job, prompt, outputs),
                 )
                 if blocking is not None:
@@ -127,7 +127,9 @@ class Admission:
             self.background.spawn(self._report_superseded(job))
         return 202, body
 
-    def register(self, job: Job, uses_node: bool, admitted: Job | int) -> tuple[Job | None, int]:
+    def register(
+        self, job: Job, uses_node: bool, ahead: int, admitted: Job | int
+    ) -> tuple[Job | None, int]:
         """Once the store has answered: register the job, unless an attempt blocks it.
 
         Registered now, with the place in the queue it will have; put on ComfyUI's queue
@@ -140,9 +142,7 @@ class Admission:
             return admitted, 0
         job.attempt = admitted
         if not job.instance:  # waiting for a host: in the fleet's line, not on this ComfyUI
-            assert self.claims is not None
-            self.claims.waiting += 1
-            return None, self.claims.waiting - 1
+            return None, ahead  # the fleet's waiting jobs as counted before it came
         position = self.queue.next_position()
         self.runs.add(Run(job, uses_node))
         self.runs.unqueued[job.prompt_id] = None

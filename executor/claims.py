@@ -59,6 +59,7 @@ class Claimer:
         self.waiting = 0  # the fleet's waiting jobs, as last read (for the queue limit)
         self._counted_at = 0.0
         self._woken = False  # woken while claiming: claim again before waiting
+        self._force = False  # claim even if the line looked empty (poll, reconnection)
         self._waiter: asyncio.Future[bool] | None = None
         self._counting: asyncio.Future[None] | None = None
 
@@ -90,12 +91,17 @@ class Claimer:
             self._waiter.set_result(False)
 
     def _poll(self) -> None:
+        self._force = True
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(True)
 
     def notice(self, kind: str, argument: str) -> None:
         """The store's notices: a job waits, or the listener reconnected (notices lost)."""
-        if kind in ("job", "reconnected"):
+        if kind == "job":
+            self.waiting += 1  # at least one more; the claim or the next count says how many
+            self.wake()
+        elif kind == "reconnected":
+            self._force = True
             self.wake()
 
     # -- claiming -------------------------------------------------------------------------
@@ -122,7 +128,14 @@ class Claimer:
                 await asyncio.sleep(1.0)
 
     async def once(self) -> int:
-        """Claim waiting jobs while this host has room; how many it took."""
+        """Claim waiting jobs while this host has room; how many it took.
+
+        Only when some may wait: a job of this host that ends says nothing about the
+        fleet's line, so it costs no query when the line was empty at the last look (a
+        notice or the poll says otherwise)."""
+        force, self._force = self._force, False
+        if not force and self.waiting <= 0:
+            return 0
         took = 0
         while (room := CLAIM_DEPTH - self.busy()) > 0:
             jobs, self.waiting = await self.store.claim(self.instance, room)

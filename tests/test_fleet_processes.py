@@ -245,3 +245,40 @@ async def test_a_thousand_jobs_over_three_hosts_with_a_flaky_receiver(
         await hosts.aclose()
         await server.close()
 
+
+
+async def test_an_nginx_upstream_over_the_hosts_sends_work_anywhere(fleet, receiver, tmp_path):
+    """deploy/nginx/comfy-courier-fleet.conf in front of two hosts and a dead address: jobs
+    POSTed through it all run once, status and DELETE work through it, the dead one is
+    skipped."""
+    from test_reverse_proxy import CONF, NGINX, start_nginx
+
+    from pgcluster import free_port
+
+    if NGINX is None:
+        pytest.skip("nginx is not installed (Debian: apt-get install -y nginx)")
+    hosts = await fleet(2)
+    conf = CONF.with_name("comfy-courier-fleet.conf")
+    nginx = await asyncio.to_thread(start_nginx, tmp_path / "nginx", 0, conf, {
+        "server 10.0.0.11:8188 max_fails=2": f"server 127.0.0.1:{hosts.host(1).port} max_fails=2",
+        "server 10.0.0.12:8188 max_fails=2": f"server 127.0.0.1:{hosts.host(2).port} max_fails=2",
+        "server 10.0.0.13:8188 max_fails=2": f"server 127.0.0.1:{free_port()} max_fails=2",
+    })
+    try:
+        with nginx.client() as client:
+            client.headers["X-API-Key"] = API_KEY
+            ids = [f"lb{i}" for i in range(6)]
+            for cid in ids:
+                response = await asyncio.to_thread(client.post, "/execute-workflow", json={
+                    "workflow_json": slow_workflow(0.2), "content_request_id": cid})
+                assert response.status_code == 202, response.text
+            await settled(receiver, 6)
+            assert_one_event_each(receiver, [(cid, 1) for cid in ids])
+            status = await asyncio.to_thread(client.get, "/execute-workflow/lb3")
+            assert status.status_code == 200 and status.json()["state"] == "success"
+            health = (await asyncio.to_thread(client.get, "/courier/health")).json()
+            assert health["fleet"]["hosts_live"] == 2
+            assert (await asyncio.to_thread(client.get, "/prompt")).status_code == 404
+        assert "Connection refused" in nginx.error_log.read_text()  # tried, then skipped
+    finally:
+        nginx.stop()

@@ -250,7 +250,8 @@ async def test_a_connection_cut_mid_run_fails_one_call_then_reconnects_and_resca
     lost: list[str] = []
     store.on_lost = lambda: lost.append("rescan")
     run = await admitted(store, job())
-    assert await store.latest("j1") is not None  # a pooled read connection exists too
+    await store.heartbeat("a:1", 1.0)  # the writer's connection exists
+    assert await store.latest("j1") is not None  # and pooled ones
     sql(postgres_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         " WHERE application_name = %s", f"cut_{pg_schema}")
     with pytest.raises(StoreError):
@@ -417,3 +418,24 @@ async def test_the_listener_reconnects_and_says_notices_may_be_lost(make_store, 
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_admission_whose_connection_breaks_fails_and_asks_for_a_rescan(
+        make_store, postgres_url, pg_schema):
+    store = make_store(f"{postgres_url}?application_name=adm_{pg_schema}")
+    lost: list[str] = []
+    store.on_lost = lambda: lost.append("rescan")
+    await admitted(store, job("before", "p0"))
+    await store.latest("before")  # every pooled connection has been used
+    sql(postgres_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = %s", f"adm_{pg_schema}")
+    outcomes = []
+    for n in range(4):  # a broken pooled connection fails its call (it may have committed)
+        try:
+            outcomes.append(await store.admit(job(f"after{n}", f"pa{n}"), lambda r: r,
+                                              lambda _: None))
+        except StoreError:
+            outcomes.append("503")
+        await asyncio.sleep(0)
+    assert "503" in outcomes and outcomes[-1] == 1  # then a fresh connection admits
+    assert lost and set(lost) == {"rescan"}

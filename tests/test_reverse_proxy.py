@@ -181,14 +181,19 @@ class Nginx:
             self.process.wait()
 
 
-def start_nginx(folder: Path, upstream_port: int) -> Nginx:
+def start_nginx(folder: Path, upstream_port: int, conf: Path = CONF,
+                upstreams: dict[str, str] | None = None) -> Nginx:
+    """nginx running `conf`; its upstream `server` lines rewritten by `upstreams` (old line
+    -> new), by default the one of comfy-courier.conf to `upstream_port`."""
     assert NGINX is not None
     folder.mkdir(parents=True, exist_ok=True)
     cert, key = make_certificate(folder)
     port = free_port()
-    site = CONF.read_text()
+    site = conf.read_text()
     site = rewrite(site, "listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
-    site = rewrite(site, "server 127.0.0.1:8188;", f"server 127.0.0.1:{upstream_port};")
+    for old, new in (upstreams or {"server 127.0.0.1:8188;":
+                                   f"server 127.0.0.1:{upstream_port};"}).items():
+        site = rewrite(site, old, new)
     site = rewrite(site, "/etc/nginx/tls/comfy.example.com/fullchain.pem", str(cert))
     site = rewrite(site, "/etc/nginx/tls/comfy.example.com/privkey.pem", str(key))
     (folder / "comfy-courier.conf").write_text(site)

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = (
     "COURIER_DB is a PostgreSQL URL but psycopg is not installed in ComfyUI's Python: "
-    "run `<ComfyUI's python> -m pip install 'comfy-courier[postgres]'` (or "
-    "`pip install 'psycopg[binary]>=3.2,<4' 'psycopg-pool>=3.2,<4'`) and restart ComfyUI"
+    "run `<ComfyUI's python> -m pip install 'psycopg[binary]>=3.2,<4' 'psycopg-pool>=3.2,<4'` "
+    "(or pip install 'comfy-courier[postgres]') and restart ComfyUI"
 )
 
 

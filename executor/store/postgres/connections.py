@@ -3,7 +3,8 @@ the migrations, and the instance lock.
 
 Every write goes through one connection, one call at a time in the order the loop made
 them: that is the store's ordering guarantee (an image row commits before the job's end
-that was called after it). Reads take a pooled connection and may run beside the writer.
+that was called after it). Reads take a pooled connection and may run beside the writer,
+as do the writes that depend on no queued one (`beside`: admissions, claims).
 Nothing connects until the first call, so building a courier does no I/O.
 
 A call whose connection breaks may or may not have been committed: it fails with
@@ -39,7 +40,7 @@ CLOSE_TIMEOUT = 10.0  # s the writer gets to finish its queue at close
 
 
 class Connections:
-    def __init__(self, conninfo: str, where: str, schema: str, pool_size: int = 2) -> None:
+    def __init__(self, conninfo: str, where: str, schema: str, pool_size: int = 3) -> None:
         self.conninfo = conninfo
         self.where = where  # host:port/db, for messages
         self.schema = schema

@@ -146,6 +146,18 @@ UNION ALL SELECT content_request_id, NULL, to_jsonb(prior) FROM prior
 UNION ALL SELECT NULL, NULL, NULL FROM told
 """
 
+# The usual admission: one request for an id never seen (its first attempt); no join, no
+# sort, no arrays. A job no host claimed yet is announced. Nothing inserted: ADMIT decides.
+ADMIT_NEW = """
+WITH fresh AS (
+    INSERT INTO {s}.jobs (content_request_id, attempt, prompt_id, instance, state, workflow,
+                          fingerprint, runs, epoch, created_at)
+    SELECT %s, 1, %s, NULLIF(%s, ''), 'queued', %s, %s, %s, %s, %s
+    WHERE NOT EXISTS (SELECT 1 FROM {s}.jobs WHERE content_request_id = %s)
+    ON CONFLICT DO NOTHING RETURNING instance)
+SELECT CASE WHEN instance IS NULL THEN pg_notify(%s, 'job')::text END AS told FROM fresh
+"""
+
 JOB_COLUMNS = (
     "content_request_id, attempt, prompt_id, instance, state, workflow, fingerprint, runs,"
     " epoch, created_at"

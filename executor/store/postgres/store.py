@@ -4,6 +4,9 @@ Same guarantees as the SQLite journal: each method is one transaction (most are 
 statement), committed before it returns; a job's final state and its outbox event are
 written by one statement, once per attempt; writes are applied in call order (one
 writer connection, `connections.py`); admissions share transactions (group commit).
+Admissions and claims go beside that queue, on pooled connections: they write only new
+rows or waiting ones, which no queued write depends on, and a request must not wait
+behind another job's writes (with a database 10 ms away, one round trip each).
 
 Where hosts share the rows, a few methods mean more than on one host:
 - `admit` serialises requests for one id across hosts with a transaction-level advisory
@@ -30,7 +33,7 @@ from . import dsn
 from .connections import Conn, Connections
 from .fleet import FleetRows
 from .outbox import LEASE, OutboxRows
-from .schema import ADMIT, FINAL, JOB_COLUMNS, job_of, job_values, output_of, quoted
+from .schema import ADMIT, ADMIT_NEW, FINAL, JOB_COLUMNS, job_of, job_values, output_of, quoted
 
 R = TypeVar("R")
 
@@ -42,13 +45,14 @@ STATE_FIELDS = {"started_at", "executed_at", "expected_images", "cancel_requeste
 class PostgresStore(OutboxRows, FleetRows):
     kind = "postgres"
 
-    def __init__(self, url: str, schema: str = "courier", pool_size: int = 2) -> None:
+    def __init__(self, url: str, schema: str = "courier", pool_size: int = 3) -> None:
         self.schema = schema
         self.channel = f"comfy_courier_{schema}"
         self.db = Connections(dsn.prepare(url), dsn.describe(url), schema, pool_size)
         self._s = s = quoted(schema)
-        self._admit: GroupCommit[Job, Job | int] = GroupCommit(self.db.submit, self._admit_many)
+        self._admit: GroupCommit[Job, Job | int] = GroupCommit(self.db.beside, self._admit_many)
         self._admit_sql = ADMIT.format(s=s)
+        self._admit_new_sql = ADMIT_NEW.format(s=s)
         self._latest_sql = (
             f"SELECT DISTINCT ON (content_request_id) * FROM {s}.jobs"
             " WHERE content_request_id = ANY(%s) ORDER BY content_request_id, attempt DESC"
@@ -93,6 +97,15 @@ class PostgresStore(OutboxRows, FleetRows):
         lock, as are a lot's later requests for an id it already holds (the admission
         itself never sends two at once).
         """
+        if len(jobs) == 1:  # the usual: one request at a time
+            job = jobs[0]
+            new = await self._one(
+                conn, self._admit_new_sql, job.content_request_id, job.prompt_id, job.instance,
+                job.workflow, job.fingerprint, job.runs, job.epoch, job.created_at,
+                job.content_request_id, self.channel,
+            )  # fmt: skip
+            if new is not None:
+                return [1]
         answers: dict[int, Job | int] = {}
         firsts: dict[str, int] = {}
         for n, job in enumerate(jobs):
