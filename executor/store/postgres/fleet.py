@@ -18,8 +18,9 @@ import psycopg
 
 from ...errors import StoreError
 from ...jobs import Job
+from ..rows import job_of
 from .connections import Conn, Rows
-from .schema import FINAL, job_of
+from .schema import FINAL
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from ...jobs import CallbackSummary
 from ..base import OutboxEvent
+from ..rows import event_of
 from .connections import Conn, Rows
-from .schema import FINAL, event_of
+from .schema import FINAL
 
 LEASE = 120.0  # s an event stays with the host that took it before another may send it
 

@@ -13,12 +13,10 @@ version's statements are idempotent.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
-from ...jobs import ErrorType, Job, JobState, Output
-from ..base import OutboxEvent
+from ...jobs import Job
 
 FINAL = "('success', 'error')"  # in SQL: the final states
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -183,53 +181,4 @@ def job_values(job: Job) -> tuple[Any, ...]:
         job.runs,
         job.epoch,
         job.created_at,
-    )
-
-
-def job_of(row: dict[str, Any]) -> Job:
-    return Job(
-        content_request_id=row["content_request_id"],
-        attempt=row["attempt"],
-        prompt_id=row["prompt_id"],
-        instance=row["instance"] or "",
-        workflow=row["workflow"],
-        fingerprint=row["fingerprint"],
-        state=JobState(row["state"]),
-        runs=row["runs"],
-        epoch=row["epoch"],
-        error_type=ErrorType(row["error_type"]) if row["error_type"] else None,
-        error_message=row["error_message"],
-        node_id=row["node_id"],
-        image_urls=tuple(json.loads(row["image_urls"])),
-        expected_images=row["expected_images"],
-        cancel_requested=bool(row["cancel_requested"]),
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        executed_at=row["executed_at"],
-        finished_at=row["finished_at"],
-    )
-
-
-def event_of(row: dict[str, Any]) -> OutboxEvent:
-    return OutboxEvent(
-        event_id=row["event_id"],
-        content_request_id=row["content_request_id"],
-        attempt=row["attempt"],
-        body=row["body"].encode(),
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-    )
-
-
-def output_of(row: dict[str, Any]) -> Output:
-    return Output(
-        node_id=row["node_id"],
-        index=row["idx"],
-        key=row["key"],
-        content_type=row["content_type"],
-        bytes=row["bytes"],
-        width=row["width"],
-        height=row["height"],
-        url=row["url"],
-        path=row["path"],
     )

@@ -29,11 +29,12 @@ from typing import Any, TypeVar
 from ...jobs import Job, JobState, Output
 from ..base import OutboxEvent
 from ..group_commit import GroupCommit
+from ..rows import job_of, output_of
 from . import dsn
 from .connections import Conn, Connections
 from .fleet import FleetRows
 from .outbox import LEASE, OutboxRows
-from .schema import ADMIT, ADMIT_NEW, FINAL, JOB_COLUMNS, job_of, job_values, output_of, quoted
+from .schema import ADMIT, ADMIT_NEW, FINAL, JOB_COLUMNS, job_values, quoted
 
 R = TypeVar("R")
 

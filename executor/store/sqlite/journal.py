@@ -21,6 +21,7 @@ from typing import Any
 
 from ...jobs import Job, JobState, Output
 from ..base import DuplicateAttempt, OutboxEvent
+from ..rows import job_of, output_of
 from .outbox import OutboxRows
 from .retention import RetentionRows
 from .schema import (
@@ -29,8 +30,6 @@ from .schema import (
     ROWS_PER_STATEMENT,
     SCHEMA,
     SCHEMA_VERSION,
-    job_of,
-    output_of,
 )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ...jobs import CallbackSummary
 from ..base import OutboxEvent
-from .schema import event_of
+from ..rows import event_of
 
 
 class OutboxRows:

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sqlite3
-
-from ...jobs import ErrorType, Job, JobState, Output
-from ..base import OutboxEvent
-
 # 9 values a job row: 900 stays under the 999 bound values of SQLite builds before 3.32
 ROWS_PER_STATEMENT = 100
 
@@ -106,53 +100,3 @@ CANCEL_REQUESTS = (
     "SELECT prompt_id FROM jobs WHERE instance = ?"
     " AND cancel_requested = 1 AND state NOT IN ('success', 'error')"
 )
-
-
-def job_of(row: sqlite3.Row) -> Job:
-    job = Job(
-        content_request_id=row["content_request_id"],
-        attempt=row["attempt"],
-        prompt_id=row["prompt_id"],
-        instance=row["instance"],
-        workflow=row["workflow"],
-        fingerprint=row["fingerprint"],
-        state=JobState(row["state"]),
-        runs=row["runs"],
-        epoch=row["epoch"],
-        error_type=ErrorType(row["error_type"]) if row["error_type"] else None,
-        error_message=row["error_message"],
-        node_id=row["node_id"],
-        image_urls=tuple(json.loads(row["image_urls"])),
-        expected_images=row["expected_images"],
-        cancel_requested=bool(row["cancel_requested"]),
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        executed_at=row["executed_at"],
-        finished_at=row["finished_at"],
-    )
-    return job
-
-
-def event_of(row: sqlite3.Row) -> OutboxEvent:
-    return OutboxEvent(
-        event_id=row["event_id"],
-        content_request_id=row["content_request_id"],
-        attempt=row["attempt"],
-        body=row["body"].encode(),
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-    )
-
-
-def output_of(row: sqlite3.Row) -> Output:
-    return Output(
-        node_id=row["node_id"],
-        index=row["idx"],
-        key=row["key"],
-        content_type=row["content_type"],
-        bytes=row["bytes"],
-        width=row["width"],
-        height=row["height"],
-        url=row["url"],
-        path=row["path"],
-    )
