@@ -2,7 +2,7 @@
 
 Targets (issues 7 and 18):
 - p50 latency of POST /execute-workflow, with the job row committed to the journal before
-  the answer (checked for every measured request from a second SQLite connection) and both
+  the answer (checked for every measured request from a second connection to the store) and both
   endpoints validating the workflow: <= 1.0x /prompt's in the draining mode, <= 0.6x in the
   idle mode (issue 18 calls it "worker busy"; see below);
 - sustained requests/second with 32 concurrent clients >= 0.8x /prompt's.
@@ -32,20 +32,26 @@ COURIER_MAX_QUEUE is raised so no request is refused with 429.
 
     python benchmarks/bench_intake.py [--quick] [--standin] [--json FILE]
         [--modes busy,idle,draining,throughput] [--gap 0.02] [--block 50]
+        [--db sqlite|postgres|postgresql://…]
+
+--db postgres measures issue 16's intake target (<= 1.0x /prompt on a loopback
+PostgreSQL) with the same modes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkout import CALLBACK_KEY, WEBHOOK_SECRET  # noqa: E402
+from checkout import CALLBACK_KEY, TESTS, WEBHOOK_SECRET  # noqa: E402
 from client import COURIER_HEADERS, JournalReader, RawClient, courier_body, prompt_body, unique_id  # noqa: E402
 from options import BenchParser, TempDir, comfy_dir_of  # noqa: E402
 from peers import Peers, start_peers  # noqa: E402
@@ -92,6 +98,30 @@ def start_intake_server(
             **(extra_env or {}),
         },
     )
+
+
+@contextlib.contextmanager
+def database(kind: str) -> Iterator[dict[str, str]]:
+    """The COURIER_DB a run's servers get: the default SQLite journal, a throwaway loopback
+    PostgreSQL (fsync on, the server's defaults), or the URL given."""
+    if kind == "sqlite":
+        yield {}
+        return
+    if kind != "postgres":
+        yield {"COURIER_DB": kind}
+        return
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from pgcluster import Cluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit("--db postgres needs the PostgreSQL server binaries (initdb, pg_ctl)")
+    cluster = Cluster(bindir, fsync=True).start()
+    try:
+        yield {"COURIER_DB": cluster.url + "?sslmode=disable"}
+    finally:
+        cluster.remove()
 
 
 def throughput(
@@ -375,6 +405,13 @@ def main() -> int:
     )
     parser.add_size("--duration", 2.0, 5.0, "seconds per throughput phase")
     parser.add_size("--rounds", 1, 2, "throughput phases per endpoint and mode")
+    parser.add_argument(
+        "--db",
+        default="sqlite",
+        help="the courier's store: sqlite (the embedded journal), postgres (a throwaway "
+        "loopback PostgreSQL from the server binaries, fsync on, as bench_fleet.py starts), "
+        "or a postgresql:// URL",
+    )
     args = parser.parse()
     comfy = comfy_dir_of(args)
     n = args.requests
@@ -386,13 +423,15 @@ def main() -> int:
         "req/s at 32 clients >= 0.8x /prompt",
         args,
     )
+    facts["store"] = "a postgresql:// URL" if "://" in args.db else args.db
+    print(f"   the courier's store: {facts['store']}")
     wf = workflow("model-free.json")
     storages = [k.strip() for k in args.throughput_storage.split(",") if k.strip()]
     phases: dict[str, dict[str, list[dict[str, Any]]]] = {}
     latency: dict[str, dict[str, Any]] = {}
-    with TempDir(args.keep, "bench-intake-") as tmp:
+    with TempDir(args.keep, "bench-intake-") as tmp, database(args.db) as db_env:
         peers = start_peers(tmp / "peers.log")
-        server = start_intake_server(tmp / "server", comfy, peers)
+        server = start_intake_server(tmp / "server", comfy, peers, extra_env=db_env)
         reader = JournalReader(server.db)
         try:
             server.wait_up()
@@ -420,7 +459,7 @@ def main() -> int:
             server.stop()
         if "throughput" in wanted and "local" in storages:
             print("   throughput, courier images left in ComfyUI's output folder (local):")
-            server = start_intake_server(tmp / "server-local", comfy, peers, "local")
+            server = start_intake_server(tmp / "server-local", comfy, peers, "local", db_env)
             try:
                 server.wait_up()
                 phases.update(throughput(server, wf, ["busy", "live"], args))

@@ -159,17 +159,30 @@ async def submit_prompt(client: RawClient, wf: dict[str, Any], client_id: str | 
 
 
 class JournalReader:
-    """A second connection to the courier's journal: sees only committed rows."""
+    """A second connection to the courier's store: sees only committed rows.
 
-    def __init__(self, path: Path) -> None:
+    `path` is the SQLite journal, or a `postgresql://` URL (tables in `schema`)."""
+
+    def __init__(self, path: Path | str, schema: str = "courier") -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
+        self.schema = schema
+        self._db: Any = None
 
     def committed(self, prompt_id: str) -> bool:
+        url = str(self.path)
+        postgres = url.startswith(("postgresql://", "postgres://"))
         if self._db is None:
-            self._db = sqlite3.connect(str(self.path), timeout=10)
-        row = self._db.execute("SELECT 1 FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
-        return row is not None
+            if postgres:
+                import psycopg
+
+                self._db = psycopg.connect(url, autocommit=True)
+            else:
+                self._db = sqlite3.connect(url, timeout=10)
+        if postgres:
+            sql = f'SELECT 1 FROM "{self.schema}".jobs WHERE prompt_id = %s'
+        else:
+            sql = "SELECT 1 FROM jobs WHERE prompt_id = ?"
+        return self._db.execute(sql, (prompt_id,)).fetchone() is not None
 
     def close(self) -> None:
         if self._db is not None:

@@ -83,7 +83,7 @@ class Server:
     process: subprocess.Popen[bytes]
     log: Path
     base: Path
-    db: Path
+    db: Path | str  # the SQLite journal, or a postgresql:// URL
     output: Path
     started_at: float = field(default_factory=time.monotonic)
     up_after: float | None = None
@@ -215,7 +215,7 @@ def start_server(
     port = port or free_port()
     output = base / "output"
     output.mkdir(exist_ok=True)
-    db = base / "courier.sqlite3"
+    db: Path | str = base / "courier.sqlite3"
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("COURIER_", "SUPABASE_"))}
     environ.update(
         {
@@ -233,7 +233,8 @@ def start_server(
     )
     environ.update(env or {})
     if "COURIER_DB" in (env or {}):
-        db = Path(environ["COURIER_DB"])
+        named = environ["COURIER_DB"]
+        db = named if named.startswith(("postgresql://", "postgres://")) else Path(named)
     log = base / "server.log"
     if comfy_dir is None:
         cmd = [
