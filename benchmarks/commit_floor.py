@@ -8,7 +8,18 @@ A diagnostic beside bench_intake.py (no target of its own). One job at a time, -
   pickling, the pipe both ways, the child's wake-up;
 - a read through the journal process (`count_unfinished`): the pipe and wake-ups alone.
 
-    python benchmarks/commit_floor.py [--quick] [--gap 0.02] [--calls N] [--json FILE]
+With --postgres, the same for the Postgres store on a throwaway loopback PostgreSQL
+(tests/pgcluster.py, fsync on as a real server runs):
+- one round trip (`SELECT 1`) on an async psycopg connection: the socket and the two
+  wake-ups (the server's backend, then this loop);
+- a bare INSERT of one row in autocommit, with `synchronous_commit` on (the server's
+  default: the WAL flushed to disk before the commit returns) and off (what SQLite's
+  synchronous=NORMAL promises: consistent, but the last commits may be lost if the
+  database server's machine crashes);
+- `PostgresStore.admit` of one job: the statement intake makes, through the store.
+
+    python benchmarks/commit_floor.py [--quick] [--gap 0.02] [--calls N] [--postgres]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -65,6 +76,9 @@ def main() -> int:
     parser = BenchParser(__doc__)
     parser.add_argument("--gap", type=float, default=0.02, help="seconds between calls")
     parser.add_size("--calls", 100, 300, "calls per measurement")
+    parser.add_argument(
+        "--postgres", action="store_true", help="also the Postgres store's floor (loopback)"
+    )
     args = parser.parse()
     facts = print_header("the durable commit at its floor (diagnostic)", "none", args)
     use_repo_package()
@@ -130,6 +144,8 @@ def main() -> int:
             await runner.aclose()
 
         asyncio.run(through_process())
+    if args.postgres:
+        postgres_floor(job, args, results)
     print(
         table(
             ["one job", f"{args.gap * 1000:.0f} ms apart: p50 (p90)", "back to back: p50"],
@@ -145,6 +161,71 @@ def main() -> int:
     )
     write_json(args, {"facts": facts, "gap": args.gap, "seconds": results})
     return 0
+
+
+def postgres_floor(
+    job: Callable[[int], Any], args: Any, results: dict[str, dict[str, list[float]]]
+) -> None:
+    import psycopg
+
+    from comfy_courier.executor.store.postgres.store import PostgresStore
+
+    from pgcluster import Cluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        print("   --postgres: no PostgreSQL server binaries (initdb, pg_ctl); skipped")
+        return
+    cluster = Cluster(bindir, fsync=True).start()
+    url = cluster.url + "?sslmode=disable"
+    unsynced = url + "&options=-c%20synchronous_commit%3Doff"
+
+    async def measure() -> None:
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        await conn.execute("CREATE TABLE t (id bigserial PRIMARY KEY, v text)")
+
+        async def round_trip(i: int) -> None:
+            await conn.execute("SELECT 1")
+
+        async def insert(i: int) -> None:
+            await conn.execute("INSERT INTO t (v) VALUES (%s)", (WORKFLOW,))
+
+        async def synced(i: int) -> None:
+            await conn.execute("SET synchronous_commit = on")
+
+        async def unsynced_(i: int) -> None:
+            await conn.execute("SET synchronous_commit = off")
+
+        layers: list[tuple[str, Callable[[int], Any], Callable[[int], Any] | None]] = [
+            ("Postgres: one round trip (SELECT 1)", round_trip, None),
+            ("Postgres: INSERT one row, synchronous_commit on", insert, synced),
+            ("Postgres: INSERT one row, synchronous_commit off", insert, unsynced_),
+        ]
+        stores = []
+        for label, where in (("on", url), ("off", unsynced)):
+            store = PostgresStore(where, schema=f"floor_{label}")
+            stores.append(store)
+
+            async def admit(i: int, store: PostgresStore = store) -> None:
+                await store.admit(job(i), lambda answer: None, lambda answer: None)
+
+            layers.append((f"PostgresStore.admit, synchronous_commit {label}", admit, None))
+        for name, fn, setup in layers:
+            if setup is not None:
+                await setup(0)
+            await timed_async(fn, 20, 0)
+            results[name] = {
+                "apart": await timed_async(fn, args.calls, args.gap),
+                "back to back": await timed_async(fn, args.calls, 0),
+            }
+        for store in stores:
+            await store.aclose()
+        await conn.close()
+
+    try:
+        asyncio.run(measure())
+    finally:
+        cluster.remove()
 
 
 if __name__ == "__main__":
