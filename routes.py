@@ -125,6 +125,11 @@ def add_routes(
     async def until_ready(courier: Courier) -> None:
         if courier.ready.is_set():
             return
+        if courier.twin:
+            raise Unavailable(
+                "another live process runs under this comfy-courier's instance name; this "
+                "one stands by until it stops (give each process its own COURIER_INSTANCE)"
+            )
         waiter = asyncio.ensure_future(courier.ready.wait())
         try:
             await asyncio.wait({waiter}, timeout=READY_TIMEOUT)

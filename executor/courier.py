@@ -147,17 +147,22 @@ class Courier:
         """Recover what a previous process left, then watch the queue and deliver.
 
         A store that cannot be reached yet (a database still starting, or down) is tried
-        again until it answers; meanwhile requests get 503 ("still starting").
+        again until it answers; meanwhile requests get 503 ("still starting"). So is an
+        instance name another live process holds: this one stands by until it is free.
         """
         self.worker_events.listen(self.comfy, asyncio.get_running_loop())
         delay = START_RETRY[0]
-        claimed: bool | None = None
+        claimed = False
         while True:
             try:
-                if claimed is None:
+                if not claimed:
                     claimed = await asyncio.to_thread(self.store.claim_instance, self.instance)
-                    if not claimed:
-                        self._twin()
+                if not claimed:
+                    self._stand_by()
+                    await asyncio.sleep(self.recovery.heartbeat_interval)
+                    continue
+                if self.twin:
+                    self._name_free()
                 await self.store.heartbeat(self.instance, self.clock())
                 await self.recovery.adopt_orphans()
                 await self.recovery.recover()
@@ -178,16 +183,32 @@ class Courier:
             spawn(self.fleet.listen(self._notice))
             spawn(self.claims.run())
 
-    def _twin(self) -> None:
+    def _stand_by(self) -> None:
+        """Another live process holds this instance name: accept, claim and recover nothing.
+
+        Its jobs would look like this one's (the store knows jobs by instance name): a job
+        accepted here could be run again by that process's recovery, and this one's would
+        resubmit that one's. So this process only waits for the name, answering 503.
+        """
+        if self.twin:
+            return
         self.twin = True
         log.critical(
             "[courier] another live process runs as instance %r (COURIER_INSTANCE, or "
-            "equal hostname and port): this one recovers and adopts nothing; give each "
-            "ComfyUI process its own COURIER_INSTANCE",
+            "equal hostname and port): this one accepts no job (503) and stands by until "
+            "that process stops; give each ComfyUI process its own COURIER_INSTANCE",
             self.instance,
         )
-        self.recovery.enabled = False
         self.config_problems.append(f"instance name {self.instance!r} is in use")
+
+    def _name_free(self) -> None:
+        self.twin = False
+        self.config_problems.remove(f"instance name {self.instance!r} is in use")
+        log.warning(
+            "[courier] instance %r is free again: this process takes over its unfinished "
+            "work and starts accepting jobs",
+            self.instance,
+        )
 
     async def stop(self) -> None:
         await self.background.stop()

@@ -64,8 +64,6 @@ class Recovery:
         self.monotonic = monotonic
         # one recovery at a time: none queues a job twice
         self._recovering = asyncio.Lock()
-        # off while a live twin shares this instance name: its jobs look like ours
-        self.enabled = True
         self._last_beat: tuple[float, float] | None = None  # (wall, monotonic)
         self._adopt_after = -float("inf")  # monotonic: no adoption before (a clock step)
         self.beats = 0
@@ -139,7 +137,7 @@ class Recovery:
         return back is None or (back >= 0 and now - back >= self.settings.takeover_after)
 
     async def adopt_orphans(self, now: float | None = None) -> list[str]:
-        if not self.enabled or self.monotonic() < self._adopt_after:
+        if self.monotonic() < self._adopt_after:
             return []
         adopted = await self.store.adopt_stale(
             self.instance, self.clock() if now is None else now, self.settings.takeover_after
@@ -156,8 +154,6 @@ class Recovery:
         One at a time, since a job being resubmitted is not in `runs` under its old
         prompt_id.
         """
-        if not self.enabled:
-            return
         async with self._recovering:
             for job in await self.store.unfinished(self.instance):
                 if job.prompt_id in self.runs:

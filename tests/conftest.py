@@ -171,6 +171,7 @@ class Harness:
     settings: Settings
     receiver: Receiver | None
     conformance: Conformance
+    starting: asyncio.Task[None] | None = None  # Courier.start(), while it stands by
 
     async def post(self, workflow: Any, cid: str, key: str | None = API_KEY,
                    path: str = "/execute-workflow") -> tuple[int, Any]:
@@ -270,14 +271,23 @@ async def make_harness(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Harn
         await client.start_server()
         if start_worker:
             comfy.start(loop)
-        await courier.start()
+        # start() returns once ready; a process whose instance name is taken stands by
+        starting = asyncio.ensure_future(courier.start())
+        deadline = loop.time() + 30
+        while not (starting.done() or courier.twin):
+            assert loop.time() < deadline, "the courier neither started nor stood by"
+            await asyncio.sleep(0.005)
+        if starting.done():
+            starting.result()
         harness = Harness(comfy, courier, client, settings, receiver if with_receiver else None,
-                          conformance)
+                          conformance, None if starting.done() else starting)
         made.append(harness)
         return harness
 
     yield make
     for harness in made:
+        if harness.starting is not None:
+            harness.starting.cancel()
         harness.comfy.stop()
         await harness.courier.stop()
         await harness.client.close()

@@ -141,6 +141,7 @@ async def test_pruning_runs_at_start_up(make_harness, tmp_path):
     first = await make_harness()
     await finished_jobs(first, "boot1")
     first.journal_sql("UPDATE jobs SET finished_at = finished_at - 31 * 86400")
+    first.comfy.stop()  # the restart: its instance name is free for the next process
     second = await make_harness(base=tmp_path / "comfy2")
     deadline = asyncio.get_running_loop().time() + 5
     while journal_count(second, "SELECT count(*) FROM jobs WHERE workflow = ''") == 0:

@@ -96,25 +96,42 @@ async def _contains(path: Path, text: bytes) -> bool:
     return text in path.read_bytes()
 
 
-async def test_two_live_processes_with_one_instance_name_do_not_recover_each_others_jobs(
+async def test_a_second_live_process_with_one_instance_name_stands_by_until_the_name_is_free(
         make_harness, tmp_path, caplog):
+    """Jobs are known by instance name: a twin that accepted jobs could have them run again
+    by the holder's recovery (after it adopts a dead third instance), and would resubmit
+    the holder's. So the twin accepts nothing until the holder is gone, then takes over."""
     from test_job_outcomes import slow_workflow as slow
 
-    env = {"COURIER_INSTANCE": "same-name"}
+    env = {"COURIER_INSTANCE": "same-name", "COURIER_TAKEOVER_AFTER": "2"}  # beats 0.5 s apart
     first = await make_harness(env=env, start_worker=False)
     status, _ = await first.post(slow(0.1), "twin1")
     assert status == 202
     twin = await make_harness(env=env, base=tmp_path / "comfy2", port=8191)
     assert twin.courier.twin and not first.courier.twin
-    assert twin.comfy.prompt_queue.get_tasks_remaining() == 0  # twin1 is not run again here
+    assert not twin.courier.ready.is_set()
+    status, body = await twin.post(slow(0.1), "twin2")
+    assert status == 503
+    assert "another live process runs under this comfy-courier's instance name" in (
+        body["error"]["message"])
+    assert "same-name" not in body["error"]["message"]  # the answer names no host
+    assert twin.comfy.prompt_queue.get_tasks_remaining() == 0  # twin1 is not run here
     assert first.comfy.prompt_queue.get_tasks_remaining() == 1
     health = await twin.courier.health()
     assert health["instance_name_shared"] and health["config_problems"] >= 1
+    assert not health["ready"]
     assert "another live process runs as instance 'same-name'" in caplog.text
 
-    # once the first is gone (its lock with it), a process of that name recovers its work
+    # once the first is gone (its lock with it), the one standing by recovers its work
     await first.courier.stop()
     first.comfy.stop()
-    heir = await make_harness(env=env, base=tmp_path / "comfy3", port=8192)
-    assert not heir.courier.twin
-    assert (await heir.wait_final("twin1"))["state"] == "success"
+    await asyncio.wait_for(twin.courier.ready.wait(), timeout=10)
+    assert not twin.courier.twin
+    assert (await twin.wait_final("twin1"))["state"] == "success"
+    assert "instance 'same-name' is free again" in caplog.text
+    health = await twin.courier.health()
+    assert not health["instance_name_shared"] and health["ready"]
+    status, _ = await twin.post(slow(0.1), "twin2")
+    assert status == 202
+    assert (await twin.wait_final("twin2"))["state"] == "success"
+    assert_one_event_each(twin.receiver, [("twin1", 1), ("twin2", 1)])

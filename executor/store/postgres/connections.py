@@ -221,11 +221,15 @@ class Connections:
         died). Blocking: called on a thread."""
         try:
             conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as e:
+            raise StoreError(f"database {self.where}: {_first_line(e)}") from e
+        try:  # a process standing by for its name tries again every heartbeat: never leak
             row = conn.execute(
                 "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
                 (f"comfy-courier instance {self.schema} {name}",),
             ).fetchone()
         except psycopg.Error as e:
+            conn.close()
             raise StoreError(f"database {self.where}: {_first_line(e)}") from e
         if not (row and row[0]):
             conn.close()
