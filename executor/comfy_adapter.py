@@ -82,7 +82,7 @@ class ComfyAdapter:
             self.items,
             progress_hooks,
             get_executing_context,
-            lambda text: relative_paths(text, self.host_directories()),
+            self.relative_paths,
         )
         validate = getattr(execution, "validate_prompt", None)
         if validate is None or not inspect.iscoroutinefunction(validate):
@@ -173,6 +173,9 @@ class ComfyAdapter:
 
     def output_directory(self) -> Path:
         return Path(self.folder_paths.get_output_directory())
+
+    def relative_paths(self, text: str) -> str:
+        return relative_paths(text, self.host_directories())
 
     def host_directories(self) -> list[tuple[str, str]]:
         """ComfyUI's own directories and what they become in messages leaving the host."""

@@ -113,4 +113,8 @@ class ComfyPort(Protocol):
 
     def output_files(self, outputs: dict[str, Any]) -> list[SavedFile]: ...
 
+    def relative_paths(self, text: str) -> str:
+        """`text` with ComfyUI's own directories as labels (`output/…`): for messages
+        that leave the host, which must not name its folders."""
+
     def base_url(self) -> str: ...

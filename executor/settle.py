@@ -168,6 +168,8 @@ class Settler:
         job is never reported with a made-up outcome.
         """
         run.completed = True
+        if message is not None:  # whatever made it, it leaves the host: no host folders
+            message = self.uploader.comfy.relative_paths(message)
         ordered = sorted(outputs or [], key=lambda o: (_node_order(o.node_id), o.index))
         final = replace(
             run.job,

@@ -162,3 +162,27 @@ async def test_an_output_folder_outside_comfyui_is_relative_too(make_harness, tm
     assert "full_output_folder: ../escape" in final["error_message"]  # beside ComfyUI's folder
     assert "output_dir: output" in final["error_message"]
     assert str(tmp_path) not in json.dumps(final)
+
+
+async def test_the_courier_failing_to_finish_a_job_names_no_host_directory(
+        make_harness, tmp_path, monkeypatch):
+    """The last resort when finishing a job breaks (reading what SaveImage saved, say)
+    still ends it with one callback, and its message leaves no host folder behind."""
+    h = await make_harness(base=tmp_path / "ComfyUI")
+    saved = f"{h.comfy.folder_paths.get_output_directory()}/social/x_00001_.png"
+
+    async def unreadable(run, completion):
+        raise RuntimeError(f"cannot read {saved}")
+
+    monkeypatch.setattr(h.courier.uploader, "collect_saved_files", unreadable)
+    workflow = model_free()
+    workflow["2"] = {"class_type": "SaveImage",
+                     "inputs": {"images": ["1", 0], "filename_prefix": "social/x"}}
+    await h.post(workflow, "paths4")
+    final = await h.wait_final("paths4")
+    assert final["error_type"] == "execution"
+    assert final["error_message"] == (
+        "comfy-courier failed: RuntimeError('cannot read output/social/x_00001_.png')")
+    await h.settle()
+    [callback] = h.receiver.bodies("paths4")
+    assert callback["error_message"] == final["error_message"]
