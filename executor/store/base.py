@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..jobs import CallbackSummary, Job, JobState, Output
@@ -31,6 +31,28 @@ R = TypeVar("R")
 
 class DuplicateAttempt(Exception):
     """Another request inserted this (content_request_id, attempt) first."""
+
+
+def next_attempts(jobs: list[Job], latest: dict[str, Job]) -> tuple[list[Job | int], list[Job]]:
+    """The duplicate rule for a lot of admissions, the same for every backend.
+
+    `latest` holds each id's latest attempt in the store (it is updated: a later job of
+    the lot sees an earlier one). Per job, the answer is the attempt that blocks it (it
+    runs, succeeded, or holds another workflow), else the attempt number it gets; also
+    the rows to insert. `jobs` are not changed: they may be copies.
+    """
+    results: list[Job | int] = []
+    accepted: list[Job] = []
+    for job in jobs:
+        prior = latest.get(job.content_request_id)
+        if prior is not None and prior.blocks(job.fingerprint):
+            results.append(prior)
+            continue
+        row = replace(job, attempt=prior.attempt + 1 if prior is not None else 1)
+        latest[job.content_request_id] = row
+        accepted.append(row)
+        results.append(row.attempt)
+    return results, accepted
 
 
 @dataclass(frozen=True)

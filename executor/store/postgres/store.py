@@ -23,11 +23,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, TypeVar
 
 from ...jobs import Job, JobState, Output
-from ..base import OutboxEvent
+from ..base import OutboxEvent, next_attempts
 from ..group_commit import GroupCommit
 from ..rows import job_of, output_of
 from . import dsn
@@ -154,17 +153,7 @@ class PostgresStore(OutboxRows, FleetRows):
                 r["content_request_id"]: job_of(r)
                 for r in await self._all(conn, self._latest_sql, ids)
             }
-            results: list[Job | int] = []
-            accepted: list[Job] = []
-            for job in jobs:
-                prior = latest.get(job.content_request_id)
-                if prior is not None and prior.blocks(job.fingerprint):
-                    results.append(prior)
-                    continue
-                row = replace(job, attempt=prior.attempt + 1 if prior is not None else 1)
-                latest[job.content_request_id] = row  # a later job of the lot sees this one
-                accepted.append(row)
-                results.append(row.attempt)
+            results, accepted = next_attempts(jobs, latest)
             if accepted:
                 async with conn.cursor() as cur:
                     await cur.executemany(

@@ -15,12 +15,11 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ...jobs import Job, JobState, Output
-from ..base import DuplicateAttempt, OutboxEvent
+from ..base import DuplicateAttempt, OutboxEvent, next_attempts
 from ..rows import job_of, output_of
 from .outbox import OutboxRows
 from .retention import RetentionRows
@@ -115,17 +114,7 @@ class Journal(OutboxRows, RetentionRows):
         """
         with self._tx() as db:
             latest = self._latest_of(list({job.content_request_id for job in jobs}))
-            results: list[Job | int] = []
-            accepted: list[Job] = []
-            for job in jobs:
-                prior = latest.get(job.content_request_id)
-                if prior is not None and prior.blocks(job.fingerprint):
-                    results.append(prior)
-                    continue
-                row = replace(job, attempt=prior.attempt + 1 if prior is not None else 1)
-                latest[job.content_request_id] = row  # a later job of the lot sees this one
-                accepted.append(row)
-                results.append(row.attempt)
+            results, accepted = next_attempts(jobs, latest)
             for start in range(0, len(accepted), ROWS_PER_STATEMENT):
                 self._insert_rows(db, accepted[start : start + ROWS_PER_STATEMENT])
             return results
