@@ -293,6 +293,29 @@ async def test_group_commit_keeps_two_batches_in_flight_and_answers_in_order():
     assert followed == [1, 2, 3, 4]
 
 
+async def test_group_commit_sends_a_lone_call_from_the_callers_own_step():
+    """Nothing in flight: the call goes to the runner at once, not a loop pass later, so
+    the journal process starts on it while the loop goes on (the 202 waits less)."""
+    import asyncio
+
+    from comfy_courier.executor.store.group_commit import GroupCommit
+
+    loop = asyncio.get_running_loop()
+    sent: list[list[int]] = []
+
+    def submit(many, items):  # a runner's submit: sends now, answers later
+        sent.append(items)
+        answer = loop.create_future()
+        loop.call_later(0.01, answer.set_result, items)
+        return answer
+
+    commit = GroupCommit(submit, lambda _, items: items)
+    call = asyncio.ensure_future(commit(1))
+    await asyncio.sleep(0)  # one pass: the call's own step has run, no other task's
+    assert sent == [[1]]
+    assert await call == 1
+
+
 def finished(journal, cid, at, outbox_state=None, state=JobState.SUCCESS, attempt=1):
     """A final attempt of `cid` that finished at `at`, with one image and, if given, its
     callback event left in `outbox_state`."""

@@ -112,12 +112,39 @@ class Journal(OutboxRows, RetentionRows):
         instead of 17, measured on a thread, where it competed with the server loop for
         the GIL; in the journal process it competes for the cores).
         """
+        if len(jobs) == 1 and self._admit_first(jobs[0]):
+            return [1]
         with self._tx() as db:
             latest = self._latest_of(list({job.content_request_id for job in jobs}))
             results, accepted = next_attempts(jobs, latest)
             for start in range(0, len(accepted), ROWS_PER_STATEMENT):
                 self._insert_rows(db, accepted[start : start + ROWS_PER_STATEMENT])
             return results
+
+    def _admit_first(self, job: Job) -> bool:
+        """The usual request, a new id, in one statement: inserted as attempt 1 unless the
+        id has a row (then the caller applies the duplicate rule). A quarter less of the
+        journal's time on the 202's path than reading first (~70 µs of ~280, measured)."""
+        with self._tx() as db:
+            return (
+                db.execute(
+                    "INSERT INTO jobs (content_request_id, attempt, prompt_id, instance, state,"
+                    " workflow, fingerprint, runs, created_at) SELECT ?, 1, ?, ?, ?, ?, ?, ?, ?"
+                    " WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE content_request_id = ?)",
+                    (
+                        job.content_request_id,
+                        job.prompt_id,
+                        job.instance,
+                        job.state.value,
+                        job.workflow,
+                        job.fingerprint,
+                        job.runs,
+                        job.created_at,
+                        job.content_request_id,
+                    ),
+                ).rowcount
+                == 1
+            )
 
     def _latest_of(self, ids: list[str]) -> dict[str, Job]:
         """The latest attempt of each id that has one (inside a transaction, if one is open)."""

@@ -37,7 +37,7 @@ class SqliteStore:
     def __init__(self, runner: JournalRunner, path: Path | str | None = None) -> None:
         self.runner = runner
         self.path = path
-        self._admit: GroupCommit[Job, Job | int] = GroupCommit(runner, Journal.admit)
+        self._admit: GroupCommit[Job, Job | int] = GroupCommit(runner.submit, Journal.admit)
         self.on_failure: Callable[[], None] | None = None
         self._instance_lock: IO[str] | None = None
 
