@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from test_real_comfyui import COMFYUI_DIR, free_port, start_comfy, stop, wait_up
+from real_comfy import COMFYUI_DIR, free_port, start_comfy, stop, wait_up
 
 CHROMIUM = Path("/usr/bin/chromium")
 try:

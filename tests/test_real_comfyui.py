@@ -10,128 +10,31 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import API_KEY, CALLBACK_KEY, WORKFLOWS, Receiver
+from conftest import API_KEY, CALLBACK_KEY, Receiver
+from real_comfy import (
+    COMFYUI_DIR,
+    REPO,
+    RealComfy,
+    final_state,
+    free_port,
+    load,
+    require_tiny_checkpoint,
+    requires_comfyui,
+    start_comfy,
+    stop,
+    wait_up,
+)
 from standin.comfy import image_metadata
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(
-    not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").exists(),
-    reason="set COMFYUI_DIR to a ComfyUI checkout (with main.py) to run against a real ComfyUI",
-)
-
-
-def comfy_python(comfy_dir: Path) -> str:
-    explicit = os.environ.get("COMFYUI_PYTHON")
-    if explicit:
-        return explicit
-    venv = comfy_dir / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class RealComfy:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    output: Path
-
-    async def post(self, client: httpx.AsyncClient, workflow: dict, cid: str) -> httpx.Response:
-        return await client.post(f"{self.url}/execute-workflow", headers={"X-API-Key": API_KEY},
-                                 json={"workflow_json": workflow, "content_request_id": cid})
-
-
-def require_tiny_checkpoint() -> None:
-    checkpoint = Path(COMFYUI_DIR or "") / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
-    if not checkpoint.exists():
-        pytest.skip(f"tiny checkpoint missing: run shared/tools/make_tiny_sd15.py ({checkpoint})")
-
-
-def load(name: str) -> dict:
-    return json.loads((WORKFLOWS / name).read_text())
-
-
-def start_comfy(base: Path, receiver_url: str, port: int, extra_env: dict[str, str]) -> RealComfy:
-    comfy_dir = Path(COMFYUI_DIR or "")
-    nodes = base / "nodes" / "custom_nodes"
-    nodes.mkdir(parents=True, exist_ok=True)
-    (nodes / "comfy_courier").symlink_to(REPO, target_is_directory=True)
-    config = base / "extra_model_paths.yaml"
-    config.write_text(
-        f"courier:\n    base_path: {base / 'nodes'}\n    custom_nodes: custom_nodes\n"
-    )
-    output = base / "output"
-    env = {
-        **os.environ,
-        "COURIER_API_KEY": API_KEY,
-        "COURIER_CALLBACK_URL": receiver_url,
-        "COURIER_CALLBACK_API_KEY": CALLBACK_KEY,
-        "COURIER_DB": str(base / "courier.sqlite3"),
-        "COURIER_STORAGE": "local",
-        "CUDA_VISIBLE_DEVICES": "",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        **extra_env,
-    }
-    for name in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "COURIER_PUBLIC_BASE_URL"):
-        env.pop(name, None)
-    log = base / "comfyui.log"
-    process = subprocess.Popen(
-        [comfy_python(comfy_dir), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--disable-auto-launch", "--extra-model-paths-config", str(config),
-         "--output-directory", str(output)],
-        cwd=comfy_dir, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )
-    return RealComfy(f"http://127.0.0.1:{port}", process, log, output)
-
-
-async def wait_up(comfy: RealComfy, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    serving = False
-    async with httpx.AsyncClient() as client:
-        while time.monotonic() < deadline:
-            if comfy.process.poll() is not None:
-                raise AssertionError(f"ComfyUI exited:\n{comfy.log.read_text()[-3000:]}")
-            try:
-                resp = await client.get(f"{comfy.url}/courier/health")
-                if resp.status_code == 200:
-                    return
-                # 404: ComfyUI serves; newer ones (0.33) serve before custom nodes load
-                serving = serving or resp.status_code == 404
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.25)
-    what = "comfy-courier did not load" if serving else "ComfyUI did not come up"
-    raise AssertionError(f"{what}:\n{comfy.log.read_text()[-3000:]}")
-
-
-def stop(comfy: RealComfy, sig: int = signal.SIGTERM) -> None:
-    if comfy.process.poll() is None:
-        comfy.process.send_signal(sig)
-        try:
-            comfy.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            comfy.process.kill()
-            comfy.process.wait()
+pytestmark = requires_comfyui()
 
 
 @pytest.fixture
@@ -142,19 +45,6 @@ async def real_comfy(tmp_path: Path, receiver: Receiver) -> AsyncIterator[RealCo
         yield comfy
     finally:
         stop(comfy)
-
-
-async def final_state(client: httpx.AsyncClient, comfy: RealComfy, cid: str,
-                      timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        resp = await client.get(f"{comfy.url}/execute-workflow/{cid}",
-                                headers={"X-API-Key": API_KEY})
-        body = resp.json()
-        if body["state"] in ("success", "error"):
-            return dict(body)
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{cid} not final: {body}")
 
 
 def journal_processes(tmp_path: Path) -> list[int]:
@@ -296,7 +186,6 @@ async def test_sigkill_while_running_then_restart_loses_nothing(tmp_path, receiv
         await asyncio.sleep(0.05)
     assert journal_processes(tmp_path) == []
 
-    (tmp_path / "nodes" / "custom_nodes" / "comfy_courier").unlink()
     restarted = start_comfy(tmp_path, receiver.url, port, {})  # same port: same instance
     try:
         await wait_up(restarted)

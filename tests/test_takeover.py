@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 
 from conftest import API_KEY, CALLBACK_KEY, SERVICE_KEY
+from pgcluster import free_port
 from test_fault_injection import assert_one_event_each
 from test_job_outcomes import slow_workflow
-from test_real_comfyui import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
