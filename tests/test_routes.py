@@ -268,12 +268,13 @@ async def test_a_request_cancelled_while_its_row_commits_still_queues_the_job(ma
     h = await make_harness(start_worker=False)
     raw = json.dumps({"workflow_json": model_free(), "content_request_id": "gone1"}).encode()
     submit = asyncio.ensure_future(h.courier.submit(parse_request(raw)))
-    while not h.courier.store._admit._waiting:  # validated; its row is about to be written
+    deadline = asyncio.get_running_loop().time() + 5
+    while not h.courier.store._admit._writers:  # validated; its row is being written
+        assert asyncio.get_running_loop().time() < deadline, "the row was never sent"
         await asyncio.sleep(0)
     submit.cancel()
     with pytest.raises(asyncio.CancelledError):
         await submit
-    deadline = asyncio.get_running_loop().time() + 5
     while h.comfy.prompt_queue.get_tasks_remaining() == 0:
         assert asyncio.get_running_loop().time() < deadline, "the committed job never queued"
         await asyncio.sleep(0.01)
