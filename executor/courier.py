@@ -72,6 +72,7 @@ class Courier:
         self.storage = storage
         self.instance = instance
         self.deliverer = deliverer
+        self.status_updates = status
         self.clock = clock  # wall: only for times the store keeps
         self.monotonic = monotonic  # durations measured in this process
         # a store shared by several hosts (Postgres): waiting jobs, claims, notices
@@ -215,6 +216,8 @@ class Courier:
         self.store.release_instance()
         if self.deliverer is not None:
             await self.deliverer.close()
+        if self.status_updates is not None:
+            await self.status_updates.aclose()
         close_storage = getattr(self.storage, "aclose", None)  # its HTTP connections
         if close_storage is not None:
             await close_storage()

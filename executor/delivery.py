@@ -10,6 +10,13 @@ not record (a full disk, a lost journal answer) is held in memory until its next
 unusable answer is a retry; nothing re-sends at once. After a store failure anywhere
 (`rescan_soon`) the deliverer reads the outbox again within a second: what the failed
 call committed may be due now.
+
+The outbox is read when something may have become due that the deliverer does not know
+of: at the time its last read said, when told of a new event (`wake`), after a store
+failure, and after a try that left its event pending or held. A try that ended its event
+(delivered, dead-lettered, dropped) and was recorded changes nothing the last read
+excluded it from, so the usual job's life costs no outbox read at all: its final event
+is handed over by `deliver_now`, sent, and recorded.
 """
 
 from __future__ import annotations
@@ -20,8 +27,6 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
-
-import aiohttp
 
 from .delivery_schedule import (
     DEFAULT_SCHEDULE,
@@ -38,8 +43,7 @@ from .delivery_schedule import (
     parse_retry_after,
     plan,
 )
-from .proxies import Proxies
-from .signing import signature_headers
+from .delivery_send import CallbackSender, log_outcome
 from .store import OutboxEvent, Store
 
 log = logging.getLogger(__name__)
@@ -76,16 +80,12 @@ class Deliverer:
     ) -> None:
         self._store = store
         self._instance = instance
-        self._url = url
-        self._api_key = api_key
-        self._secrets = tuple(secrets)
+        self.sender = CallbackSender(url, api_key, secrets, timeout, clock)
         self._schedule = tuple(schedule) or (0.0,)
         self._horizon = horizon
-        self._timeout = timeout
         self._jitter = jitter
         self.clock = clock  # wall: the store's times, Retry-After dates
         self.monotonic = monotonic  # every duration measured in this process
-        self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,6 +94,7 @@ class Deliverer:
         self._rescan_at: float | None = None
         self._passing = False
         self._failed_during_pass = False
+        self._blind = False  # the last read could not exclude every event in flight
         self._tracks = Tracks()  # events this process has tried, still pending
         self._next_sweep = 0.0
         self.sent = 0
@@ -113,28 +114,16 @@ class Deliverer:
         if self._passing:
             self._failed_during_pass = True
             return
-        at = self.monotonic() + RESCAN_DELAY
+        self._read_by(self.monotonic() + RESCAN_DELAY)
+
+    def _read_by(self, at: float) -> None:
+        """Read the outbox again by monotonic time `at` at the latest."""
         if self._rescan_at is None or at < self._rescan_at:
             self._rescan_at = at
             self._nudge.set()
 
-    _proxy: str | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        # aiohttp, not httpx: it is ComfyUI's own HTTP stack, and a callback over it costs
-        # about 0.45 ms less on loopback (benchmarks/bench_e2e.py). Proxies from the
-        # environment apply, as they did with httpx: read once (proxies.py), not with
-        # trust_env, which looks them up on a worker thread for every callback.
-        if self._session is None or self._session.closed:
-            self._proxy = Proxies().for_url(self._url)
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout)
-            )
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.sender.close()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -165,6 +154,7 @@ class Deliverer:
         await self.dispatch_due()
         excluded = (*self._in_flight, *self._tracks.held)
         complete = len(excluded) <= EXCLUDE_MAX
+        self._blind = not complete
         next_at = await self._store.next_due_at(self._instance, excluded[:EXCLUDE_MAX])
         wall, mono = self.clock(), self.monotonic()
         delays = [BLIND_WAIT] if not complete else []
@@ -266,27 +256,44 @@ class Deliverer:
     # -- one try ----------------------------------------------------------------------------
 
     async def _deliver(self, event: OutboxEvent, check_current: bool) -> None:
-        track = self._tracks.of(
-            event.event_id, event.attempts, event.created_at, self.clock(), self.monotonic()
-        )
+        tried = False
         try:
+            track = self._tracks.of(
+                event.event_id, event.attempts, event.created_at, self.clock(), self.monotonic()
+            )
             # A send that waits for a slot may be superseded meanwhile (a newer attempt of
             # its id accepted): then it is asked just before it would go out.
             check_current = check_current or self._slots.locked()
             async with self._slots:
                 if check_current and not await self._still_current(event, track):
+                    tried = True
                     return
                 try:
-                    outcome = await self._send(event)
+                    outcome = await self.sender.send(event)
                 except Exception as e:  # never a reason to send again at once
                     log.exception("[courier] sending %s failed unexpectedly", event.event_id)
                     outcome = Retry(f"{type(e).__name__}: {e}"[:300])
                 await self._record(event, track, outcome)
+                tried = True
         except Exception:
             log.exception("[courier] delivering %s failed unexpectedly", event.event_id)
         finally:
             self._in_flight.discard(event.event_id)
-            self.wake()  # its next try may be due before the time the loop is waiting for
+            self._after_try(event.event_id, tried)
+
+    def _after_try(self, event_id: str, tried: bool) -> None:
+        """What the loop must learn from a try, without reading the outbox for nothing.
+
+        A try that ended its event (recorded as delivered or dead, or dropped) leaves the
+        loop's schedule as its last read made it: that read excluded the event in flight.
+        A retry the store recorded is due at a time this process knows: the loop reads
+        then. Anything else (a held outcome, a try cut short, a last read that could not
+        exclude every event in flight) has it read again now.
+        """
+        if not tried or self._blind or event_id in self._tracks.held:
+            self.wake()
+        elif event_id in self._tracks:
+            self._read_by(self._tracks.due(event_id))
 
     async def _still_current(self, event: OutboxEvent, track: Track) -> bool:
         """False (and the event dropped) once a newer attempt of its id exists (or the
@@ -317,28 +324,6 @@ class Deliverer:
         )
         return False
 
-    async def _send(self, event: OutboxEvent) -> Outcome:
-        headers = {"Content-Type": "application/json", "User-Agent": "comfy-courier"}
-        if self._api_key:
-            headers["X-API-Key"] = self._api_key
-        headers.update(signature_headers(event.event_id, event.body, self._secrets))
-        try:
-            async with self._http().post(
-                self._url,
-                data=event.body,
-                headers=headers,
-                allow_redirects=False,
-                proxy=self._proxy,
-            ) as response:
-                await response.read()  # the whole answer, so the connection is reused
-                code, retry_after = response.status, response.headers.get("Retry-After")
-                location = response.headers.get("Location")
-        except asyncio.TimeoutError:
-            return Retry(f"no answer within {self._timeout:g} s")
-        except (aiohttp.ClientError, ValueError) as e:  # ValueError: an unusable URL
-            return Retry(f"{type(e).__name__}: {e}"[:300])
-        return classify(code, retry_after, self.clock(), location)
-
     async def _record(self, event: OutboxEvent, track: Track, outcome: Outcome) -> None:
         wall, mono = self.clock(), self.monotonic()
         self.on_outcome(type(outcome).__name__.lower())
@@ -348,7 +333,7 @@ class Deliverer:
             self.sent += 1
         else:
             self.failures += 1
-        self._log_outcome(event, write, outcome)
+        log_outcome(event, write, outcome)
         try:
             await self._store.record_delivery(
                 event.event_id, write.state, write.attempts, wall, write.next_attempt_at,
@@ -391,34 +376,3 @@ class Deliverer:
         finally:
             self._in_flight.discard(event_id)
             self.wake()
-
-    def _log_outcome(self, event: OutboxEvent, write: Write, outcome: Outcome) -> None:
-        ids = (event.content_request_id, event.attempt, event.event_id)
-        if write.state == "delivered":
-            log.info(
-                "[courier] callback delivered id=%s attempt=%s event=%s tries=%s",
-                *ids,
-                write.attempts,
-            )
-        elif isinstance(outcome, Permanent):
-            log.error(
-                "[courier] callback dead-lettered id=%s attempt=%s event=%s: receiver answered %s",
-                *ids,
-                outcome.reason,
-            )
-        elif write.state == "dead":
-            log.error(
-                "[courier] callback dead-lettered id=%s attempt=%s event=%s: "
-                "retry horizon over (%s)",
-                *ids,
-                write.last_error,
-            )
-        else:
-            log.warning(
-                "[courier] callback try %s failed id=%s event=%s: %s; next in %.0f s",
-                write.attempts,
-                event.content_request_id,
-                event.event_id,
-                write.last_error,
-                write.delay,
-            )

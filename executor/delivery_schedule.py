@@ -160,6 +160,14 @@ class Tracks:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def __contains__(self, event_id: object) -> bool:
+        """Still tracked: this process has a next time for the event (it has not ended)."""
+        return event_id in self._by_id
+
+    def due(self, event_id: str) -> float:
+        """Monotonic time of the event's next try as this process scheduled it."""
+        return self._by_id[event_id].due
+
     def of(
         self, event_id: str, attempts: int, created_at: float, wall: float, mono: float
     ) -> Track:

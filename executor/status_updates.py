@@ -2,6 +2,12 @@
 
 Best effort by design: one try with a short timeout, throttled per job, never retried for
 long, never awaited by the job, and never sent once the job's final event exists.
+
+Sent over aiohttp, as callbacks are (delivery_send.py), not httpx: ComfyUI's own HTTP
+stack, which frames and parses in C on the server loop where httpcore, h11 and anyio did
+it in Python (measured on loopback: ~0.16 ms of the loop's CPU per update against ~0.71 ms
+with httpx, ~0.41 ms with httpx over aiohttp_transport.py). Proxies from the environment
+apply, read once (proxies.py); redirects are not followed.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx
+import aiohttp
 
 from .jobs import Job
-from .quiet_http import QuietAsyncClient
+from .proxies import Proxies
 from .signing import signature_headers
 
 log = logging.getLogger(__name__)
@@ -34,15 +40,17 @@ class StatusNotifier:
         interval: float = 1.0,
         timeout: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
-        client: httpx.AsyncClient | None = None,
     ) -> None:
         self._url = url
-        self._api_key = api_key
+        self._headers = {"Content-Type": "application/json", "User-Agent": "comfy-courier"}
+        if api_key:
+            self._headers["X-API-Key"] = api_key
         self._secrets = tuple(secrets)
         self._interval = interval
         self._timeout = timeout
         self._clock = clock
-        self._client = client
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy: str | None = None
         self._last_sent: dict[Key, float] = {}
         self._last_state: dict[Key, str] = {}
         self._pending: dict[Key, dict[str, Any]] = {}
@@ -110,23 +118,39 @@ class StatusNotifier:
                 max(0.0, wait), self._send_pending, key
             )
 
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._proxy = Proxies().for_url(self._url)
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout)
+            )
+        return self._session
+
     async def _send(self, body: dict[str, Any]) -> None:
         data = json.dumps(body, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json", "User-Agent": "comfy-courier"}
-        if self._api_key:
-            headers["X-API-Key"] = self._api_key
-        headers.update(signature_headers(f"msg_{uuid.uuid4().hex}", data, self._secrets))
-        if self._client is None:
-            self._client = QuietAsyncClient(follow_redirects=False, timeout=self._timeout)
+        event_id = f"msg_{uuid.uuid4().hex}"
+        headers = {**self._headers, **signature_headers(event_id, data, self._secrets)}
         try:
-            response = await self._client.post(self._url, content=data, headers=headers)
-            if response.status_code >= 300:
-                raise httpx.HTTPStatusError("status", request=response.request, response=response)
+            async with self._http().post(
+                self._url, data=data, headers=headers, allow_redirects=False, proxy=self._proxy
+            ) as response:
+                await response.read()  # the whole answer, so the connection is reused
+                problem = f"HTTP {response.status}" if response.status >= 300 else None
+        except asyncio.TimeoutError:
+            problem = "no answer in time"
+        except (aiohttp.ClientError, ValueError) as e:  # ValueError: an unusable URL
+            problem = type(e).__name__
+        if problem is None:
             self.sent += 1
-        except httpx.HTTPError as e:
-            self.failed += 1
-            log.debug(
-                "[courier] status update for %s not delivered: %s",
-                body["content_request_id"],
-                type(e).__name__,
-            )
+            return
+        self.failed += 1
+        log.debug(
+            "[courier] status update for %s not delivered: %s",
+            body["content_request_id"],
+            problem,
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections (at the courier's stop)."""
+        if self._session is not None:
+            await self._session.close()

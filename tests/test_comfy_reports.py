@@ -3,6 +3,7 @@ ComfyUI's own directories made relative in error messages."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -128,7 +129,12 @@ async def test_an_execution_error_leaves_the_host_without_its_directories(make_h
     await h.settle()
     [callback] = h.receiver.bodies("paths1")
     assert callback["error_message"] == final["error_message"]
-    # ComfyUI's own history keeps the full message for the host's operator
+    # ComfyUI's own history keeps the full message for the host's operator (its worker
+    # writes it in task_done, after the error message that made the job final)
+    for _ in range(1000):
+        if h.comfy.prompt_queue.get_history():
+            break
+        await asyncio.sleep(0.005)
     [entry] = h.comfy.prompt_queue.get_history().values()
     errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert output_dir in errors[0][1]["exception_message"]

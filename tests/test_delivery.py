@@ -1,10 +1,13 @@
 """The deliverer against a real loopback receiver: outcomes, schedule, headers."""
 
+import asyncio
 import json
+import logging
 import sqlite3
 
 import pytest
 
+from comfy_courier.executor import delivery
 from comfy_courier.executor.delivery import (
     Delivered,
     Deliverer,
@@ -18,6 +21,8 @@ from comfy_courier.executor.store import OutboxEvent
 from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.executor.store.sqlite.store import SqliteStore
 from comfy_courier.executor.store.sqlite.thread import JournalThread
+
+from conftest import model_free
 
 
 @pytest.mark.parametrize("status, kind", [(200, Delivered), (204, Delivered), (301, Retry),
@@ -304,3 +309,117 @@ async def test_a_send_waiting_for_a_slot_is_not_made_once_a_newer_attempt_drops_
     await d.drain()
     assert receiver.requests == []
     assert (await outbox.callback_summary("d1", 1)).state == "dropped"
+
+
+# -- issue 18: the outbox is read when something may be due, not after every delivery ----
+
+
+def count_reads(store):
+    """Counts the deliverer's outbox reads (`due_events`, `next_due_at`) on `store`."""
+    reads = {"due_events": 0, "next_due_at": 0}
+    for name in reads:
+        real = getattr(store, name)
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            reads[_name] += 1
+            return _real(*args, **kwargs)
+
+        setattr(store, name, counted)
+    return reads
+
+
+async def test_delivered_jobs_cost_the_deliverer_no_outbox_read(make_harness, receiver):
+    h = await make_harness()
+    reads = count_reads(h.courier.store)
+    deliverer = h.courier.deliverer
+    deliverer.wake()  # one pass now, counted, after which the loop sleeps
+    while reads["next_due_at"] == 0 or deliverer._passing:
+        await asyncio.sleep(0.005)
+    before = dict(reads)
+    for i in range(5):
+        await h.post(model_free(), f"quietread{i}")
+        await receiver.wait_for(i + 1)
+    await deliverer.drain()
+    for _ in range(50):  # the loop's turn, had a delivery woken it
+        await asyncio.sleep(0)
+    assert reads == before
+    assert [b["status"] for b in receiver.bodies()] == ["success"] * 5
+    for i in range(5):
+        assert (await h.status(f"quietread{i}"))["callback"]["state"] == "delivered"
+
+
+async def test_a_recorded_retry_is_read_when_due_not_at_once(outbox, receiver, deliverers):
+    clock = Clock()
+    receiver.script = [(503, {}, 0.0)]
+    d = deliverers(outbox, "i", receiver.url, None, (), schedule=(0, 5), jitter=0.0,
+                   clock=clock, monotonic=clock)
+    reads = count_reads(outbox)
+    assert await d.dispatch_due() == 1
+    await d.drain()
+    assert not d._wake.is_set()  # no pass at once for a retry the store recorded...
+    assert d._rescan_at == 5.0  # ...but one at its time, by this process's clock
+    clock.now = 5.0
+    await d._sleep(3600)  # returns at once: the retry is due
+    assert await d.dispatch_due() == 1
+    await d.drain()
+    assert not d._wake.is_set()  # delivered and recorded: nothing left to read for
+    assert reads == {"due_events": 2, "next_due_at": 0}
+    summary = await outbox.callback_summary("d1", 1)
+    assert (summary.state, summary.attempts) == ("delivered", 2)
+
+
+async def test_a_held_outcome_has_the_loop_read_again_at_once(outbox, receiver, deliverers,
+                                                             monkeypatch):
+    clock = Clock()
+    receiver.script = [(503, {}, 0.0)]
+    refuse_writes(monkeypatch, states=("pending",))
+    d = deliverers(outbox, "i", receiver.url, None, (), schedule=(0, 5), jitter=0.0,
+                   clock=clock, monotonic=clock)
+    await d.dispatch_due()
+    await d.drain()
+    assert d._wake.is_set()  # the row is stale: the loop works out the held time now
+    assert 4.9 < await d._pass() <= 5.0
+
+
+async def test_a_delivery_wakes_the_loop_when_its_last_read_could_not_exclude_it(
+        outbox, receiver, deliverers, monkeypatch):
+    # more events in flight than next_due_at can exclude: that read ignored what was due
+    monkeypatch.setattr(delivery, "EXCLUDE_MAX", 0)
+    d = deliverers(outbox, "i", receiver.url, None, (), clock=Clock())
+    gate = asyncio.Event()
+    real_send = d.sender.send
+
+    async def held_send(event):
+        await gate.wait()
+        return await real_send(event)
+
+    d.sender.send = held_send
+    assert d.deliver_now(OutboxEvent("msg_d1", "d1", 1, BODY, 0, 0.0))
+    assert await d._pass() == delivery.BLIND_WAIT
+    d._wake.clear()
+    gate.set()
+    await d.drain()
+    assert d._wake.is_set()
+    assert (await outbox.callback_summary("d1", 1)).state == "delivered"
+
+
+async def test_a_first_try_delivery_is_logged_at_debug_a_later_one_at_info(
+        make_harness, receiver, caplog):
+    caplog.set_level(logging.INFO)  # ComfyUI's default level
+    h = await make_harness()
+    await h.post(model_free(), "log1")
+    await receiver.wait_for(1)
+    receiver.script = [(503, {}, 0.0)]
+    await h.post(model_free(), "log2")
+    await receiver.wait_for(3)
+    await h.courier.deliverer.drain()
+
+    def lines(cid):
+        return [(r.levelname, r.getMessage().split(" id=")[0]) for r in caplog.records
+                if r.name.startswith("comfy_courier") and f"id={cid} " in r.getMessage()]
+
+    # one INFO line for the job's outcome; its first-try callback adds none
+    assert lines("log1") == [("INFO", "[courier] success")]
+    assert lines("log2") == [("INFO", "[courier] success"),
+                             ("WARNING", "[courier] callback try 1 failed"),
+                             ("INFO", "[courier] callback delivered")]

@@ -52,8 +52,7 @@ async def test_receiver_down_then_back_across_a_restart(make_harness, tmp_path, 
 
 async def test_receiver_slower_than_the_attempt_timeout_gets_a_retry(make_harness, receiver):
     h = await make_harness(schedule=(0, 0.05))
-    h.courier.deliverer._timeout = 0.2
-    h.courier.deliverer._client = None
+    h.courier.deliverer.sender.timeout = 0.2  # before its first callback opens the session
     receiver.script = [(200, {}, 0.5)]  # answers too late: counted as not delivered
     await h.post(model_free(), "slow1")
     await receiver.wait_for(2)

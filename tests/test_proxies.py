@@ -10,6 +10,7 @@ import pytest
 from comfy_courier.executor.delivery import Deliverer
 from comfy_courier.executor.jobs import Job, JobState
 from comfy_courier.executor.proxies import Proxies
+from comfy_courier.executor.status_updates import StatusNotifier
 from comfy_courier.executor.store import OutboxEvent
 from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.executor.store.sqlite.store import SqliteStore
@@ -62,8 +63,8 @@ async def outbox(tmp_path):
     db.close()
 
 
-async def test_a_callback_goes_through_the_environments_proxy(proxy_env, outbox):
-    seen: list[str] = []
+async def start_proxy(seen: list[str]) -> asyncio.Server:
+    """A forward proxy on loopback that answers 200 itself, noting each request line."""
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -72,7 +73,12 @@ async def test_a_callback_goes_through_the_environments_proxy(proxy_env, outbox)
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    return await asyncio.start_server(proxy, "127.0.0.1", 0)
+
+
+async def test_a_callback_goes_through_the_environments_proxy(proxy_env, outbox):
+    seen: list[str] = []
+    server = await start_proxy(seen)
     proxy_env("HTTP_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
     deliverer = Deliverer(outbox, "i", "http://app.example.invalid/api/cb", None, ())
     try:
@@ -97,3 +103,29 @@ async def test_a_no_proxy_receiver_is_called_directly(proxy_env, outbox, receive
         await deliverer.close()
     assert len(receiver.requests) == 1
     assert (await outbox.callback_summary("p1", 1)).state == "delivered"
+
+
+async def test_a_status_update_goes_through_the_environments_proxy_read_once(proxy_env):
+    seen: list[str] = []
+    server = await start_proxy(seen)
+    proxy_env("HTTP_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    notifier = StatusNotifier("http://app.example.invalid/api/status", None, ())
+    job = Job("p2", 1, "pp2", "i", "{}", "f", created_at=0.0)
+    try:
+        notifier.update(job, "queued", None)
+        for _ in range(2000):
+            if notifier.sent:
+                break
+            await asyncio.sleep(0.005)
+        proxy_env("HTTP_PROXY", "http://127.0.0.1:9")  # read once: a later change is not seen
+        notifier.update(job, "running", 0.5)
+        for _ in range(2000):
+            if notifier.sent + notifier.failed == 2:
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await notifier.aclose()
+        server.close()
+        await server.wait_closed()
+    assert seen == ["POST http://app.example.invalid/api/status HTTP/1.1"] * 2
+    assert (notifier.sent, notifier.failed) == (2, 0)
