@@ -48,9 +48,7 @@ class CallbackSender:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._proxy = Proxies().for_url(self.url)
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout)
-            )
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         return self._session
 
     async def send(self, event: OutboxEvent) -> Outcome:
@@ -102,8 +100,7 @@ def log_outcome(event: OutboxEvent, write: Write, outcome: Outcome) -> None:
         )
     elif write.state == "dead":
         log.error(
-            "[courier] callback dead-lettered id=%s attempt=%s event=%s: "
-            "retry horizon over (%s)",
+            "[courier] callback dead-lettered id=%s attempt=%s event=%s: retry horizon over (%s)",
             *ids,
             write.last_error,
         )
