@@ -206,6 +206,8 @@ class Writer:
         if broken:
             self.lost = True
             await self.drop()
+        elif error is not None:
+            await self._end_failed_transaction(conn)
         answered = len(sent)
         failed = False
         again: list[_Write] = []
@@ -233,6 +235,17 @@ class Writer:
                 again.append(write)
         again.extend(burst[answered:])  # never sent: the connection broke before them
         self._queue.extendleft(reversed(again))
+
+    async def _end_failed_transaction(self, conn: Conn) -> None:
+        """A statement failed in its transaction, whose COMMIT the server then skipped: the
+        burst's end (a Sync) does not close it, so it is rolled back before the next."""
+        try:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await conn.execute("ROLLBACK")
+        except psycopg.Error as e:
+            log.warning("[courier] database %s: rolling back failed: %s", self.where, e)
+            self.lost = True
+            await self.drop()
 
     async def _connection(self) -> Conn:
         if self.conn is not None and not (self.conn.closed or self.conn.broken):
