@@ -247,7 +247,8 @@ async def intake(folder: Path, db: str, callbacks: Callbacks, requests: int) -> 
 
 
 async def end_to_end(folder: Path, db: str, callbacks: Callbacks, jobs: int) -> dict[str, float]:
-    """p50 ms of request -> callback for a model-free job on an idle host, and of the 202."""
+    """p50 ms of request -> callback for a model-free job on an idle host, of the 202, and
+    of the end of the prompt in ComfyUI -> callback for a job that runs (0.1 s)."""
     fleet = await start_fleet(folder, 1, db, callbacks)
     try:
         e2e, accept = [], []
@@ -260,7 +261,16 @@ async def end_to_end(folder: Path, db: str, callbacks: Callbacks, jobs: int) -> 
             if i >= 5:
                 e2e.append((callbacks.arrived[cid] - t0) * 1000)
                 accept.append((t1 - t0) * 1000)
-        return {"e2e_p50": p50(e2e), "accept_p50": p50(accept)}
+        await probe(fleet, 1)
+        ran: dict[str, str] = {}
+        for i in range(jobs // 2 + 3):
+            cid = f"r-{uuid.uuid4().hex[:8]}-{i}"
+            ran[(await fleet.post(1, fixed(0.1), cid)).json()["prompt_id"]] = cid
+            await callbacks.wait([cid])
+        ends = (await probe(fleet, 1))["end"]
+        tail = [(callbacks.arrived[cid] - ends[p]) * 1000 for p, cid in list(ran.items())[3:]
+                if p in ends]
+        return {"e2e_p50": p50(e2e), "accept_p50": p50(accept), "tail_p50": p50(tail)}
     finally:
         await fleet.aclose()
 
@@ -376,13 +386,17 @@ async def section_remote(args: Any, tmp: Path, cluster: Cluster, remote: str,
     near = await end_to_end(tmp / "e2e-near", cluster.url, callbacks, args.e2e)
     far = await end_to_end(tmp / "e2e-far", remote, callbacks, args.e2e)
     print(f"\n-- what a database {args.rtt_ms:g} ms away adds (model-free job, idle host)")
-    print(table(["database", "202 p50 ms", "request -> callback p50 ms"], [
-        ["loopback", f"{near['accept_p50']:.2f}", f"{near['e2e_p50']:.2f}"],
-        [f"{args.rtt_ms:g} ms RTT", f"{far['accept_p50']:.2f}", f"{far['e2e_p50']:.2f}"],
+    print(table(["database", "202 p50 ms", "request -> callback p50 ms",
+                 "prompt's end -> callback p50 ms"], [
+        ["loopback", f"{near['accept_p50']:.2f}", f"{near['e2e_p50']:.2f}",
+         f"{near['tail_p50']:.2f}"],
+        [f"{args.rtt_ms:g} ms RTT", f"{far['accept_p50']:.2f}", f"{far['e2e_p50']:.2f}",
+         f"{far['tail_p50']:.2f}"],
     ]))
     added = (far["e2e_p50"] - near["e2e_p50"]) / args.rtt_ms
     print(f"   = {added:.1f} round trips per job end to end, "
-          f"{(far['accept_p50'] - near['accept_p50']) / args.rtt_ms:.1f} before the 202")
+          f"{(far['accept_p50'] - near['accept_p50']) / args.rtt_ms:.1f} before the 202, "
+          f"{(far['tail_p50'] - near['tail_p50']) / args.rtt_ms:.1f} after a prompt's end")
     results["remote"] = {"rtt_ms": args.rtt_ms, "near": near, "far": far,
                          "round_trips_e2e": added}
 

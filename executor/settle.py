@@ -103,6 +103,25 @@ class Settler:
             return
         if not run.uses_node:
             await self.uploader.collect_saved_files(run, completion)
+        if any(not upload.done() for upload in run.uploads):
+            if not await self._mark_uploading(run):
+                return
+        # else nothing is left to upload: the end is written at once, and a crash before
+        # it would find nothing to resume, so no "uploading" mark (one write less: with
+        # the database far away, one round trip less before the callback)
+        job.state = JobState.UPLOADING
+        log.debug(
+            "[courier] uploading id=%s prompt=%s images=%d",
+            job.content_request_id,
+            job.prompt_id,
+            len(run.uploads),
+        )
+        await self.finish_uploads(run)
+
+    async def _mark_uploading(self, run: Run) -> bool:
+        """Record that the run's uploads are under way (crash recovery resumes them);
+        False when the store refused it: the run was taken over."""
+        job = run.job
         try:
             if not await self.store.set_state(
                 job.prompt_id,
@@ -113,7 +132,7 @@ class Settler:
                 expected_images=len(run.uploads),
             ):
                 self.fencing.stop(job.prompt_id, "the store refused its end")
-                return
+                return False
         except StoreError as e:
             # Only crash recovery reads it (to resume uploads): without it a crash re-runs
             # the prompt instead. The uploads and the final write go on.
@@ -122,14 +141,7 @@ class Settler:
                 job.content_request_id,
                 e,
             )
-        job.state = JobState.UPLOADING
-        log.debug(
-            "[courier] uploading id=%s prompt=%s images=%d",
-            job.content_request_id,
-            job.prompt_id,
-            len(run.uploads),
-        )
-        await self.finish_uploads(run)
+        return True
 
     async def finish_uploads(self, run: Run) -> None:
         results = await asyncio.gather(*run.uploads, return_exceptions=True)

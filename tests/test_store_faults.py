@@ -55,22 +55,50 @@ async def test_a_final_write_failing_past_its_quick_tries_still_ends_in_one_call
     assert_one_event_each(receiver, [("stuck1", 1)])
 
 
-async def test_an_uploading_mark_that_cannot_be_written_does_not_strand_the_job(
-        make_harness, receiver, monkeypatch):
+def recording_states(monkeypatch, fail_uploading: bool = False) -> list[str]:
+    """Journal.set_state, recording each state asked for (failing "uploading" if told)."""
     real = Journal.set_state
+    states: list[str] = []
 
     def set_state(self, prompt_id, state, **fields):
-        if state.value == "uploading":
+        states.append(state.value)
+        if fail_uploading and state.value == "uploading":
             raise sqlite3.OperationalError("database is locked")
         return real(self, prompt_id, state, **fields)
 
     monkeypatch.setattr(Journal, "set_state", set_state)
-    h = await make_harness(journal_thread=True)
+    return states
+
+
+async def test_an_uploading_mark_that_cannot_be_written_does_not_strand_the_job(
+        make_harness, receiver, monkeypatch, storage_server):
+    states = recording_states(monkeypatch, fail_uploading=True)
+    storage_server.state.delay_uploads = 0.2  # still uploading when ComfyUI reports the end
+    h = await make_harness(journal_thread=True, env={
+        "SUPABASE_URL": storage_server.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
     await h.post(model_free(), "up1")
     await receiver.wait_for(1)
     await h.settle()
+    assert "uploading" in states  # it was tried, and failed
     assert receiver.bodies("up1")[0]["status"] == "success"
     assert len(h.courier.runs) == 0
+
+
+async def test_a_job_with_nothing_left_to_upload_ends_without_an_uploading_mark(
+        make_harness, receiver, monkeypatch):
+    """Local storage serves the node's own file: the upload is done when ComfyUI reports
+    the end, so the end is written at once, after the image's row (queued first)."""
+    states = recording_states(monkeypatch)
+    h = await make_harness(journal_thread=True)
+    await h.post(model_free(), "served1")
+    [callback] = await receiver.wait_for(1)
+    await h.settle()
+    assert callback.json["status"] == "success"
+    assert "uploading" not in states
+    job = await h.courier.store.latest("served1")
+    [(_, row)] = await h.courier.store.images("served1", job.attempt)
+    # committed before the end: a row written after it would have been refused
+    assert row.url == callback.json["image_url"]
 
 
 async def test_an_image_row_failing_once_is_retried_not_an_upload_error(

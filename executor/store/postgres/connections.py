@@ -1,10 +1,10 @@
-"""The Postgres store's connections: one writer fed in call order, a small pool for reads,
-the migrations, and the instance lock.
+"""The Postgres store's connections: one writer fed in call order (writer.py), a small
+pool for reads, the migrations, and the instance lock.
 
-Every write goes through one connection, one call at a time in the order the loop made
-them: that is the store's ordering guarantee (an image row commits before the job's end
-that was called after it). Reads take a pooled connection and may run beside the writer,
-as do the writes that depend on no queued one (`beside`: admissions, claims).
+Every write goes through one connection in the order the loop made the calls: that is
+the store's ordering guarantee (an image row commits before the job's end that was called
+after it). Reads take a pooled connection and may run beside the writer, as do the writes
+that depend on no queued one (`beside`: admissions, claims).
 Nothing connects until the first call, so building a courier does no I/O.
 
 A call whose connection breaks may or may not have been committed: it fails with
@@ -15,28 +15,24 @@ rescans what it may have missed (as with the SQLite journal process).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from ...errors import StoreError
-from ..base import DuplicateAttempt
 from .schema import API_ROLES, MIGRATIONS, SCHEMA_VERSION, TABLES, VERSION_TABLE, quoted
+from .writer import Answer, Conn, Writer, all_rows, first_line, first_row, rowcount
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Conn = psycopg.AsyncConnection[DictRow]
-Call = Callable[..., Awaitable[Any]]
 CONNECT_TIMEOUT = 10  # s; libpq's connect_timeout, unless the URL sets one
 READ_TIMEOUT = 5.0  # s a read waits for a pooled connection before it fails (503)
-CLOSE_TIMEOUT = 10.0  # s the writer gets to finish its queue at close
 
 
 class Connections:
@@ -45,18 +41,10 @@ class Connections:
         self.where = where  # host:port/db, for messages
         self.schema = schema
         self.pool_size = pool_size
-        self.on_lost: Callable[[], None] | None = None
-        self.on_failure: Callable[[], None] | None = None
-        self._writer: Conn | None = None
-        self._queue: collections.deque[tuple[asyncio.Future[Any], Call, tuple[Any, ...]]] = (
-            collections.deque()
-        )
-        self._writing: asyncio.Task[None] | None = None
+        self.writer = Writer(self._connect_writer, where)
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._migrated = False
         self._migrating: asyncio.Lock | None = None
-        self._lost = False  # a write broke mid-call: tell on_lost once connected again
-        self._closed = False
         self._instance_lock: psycopg.Connection[Any] | None = None
 
     # -- connecting ---------------------------------------------------------------------
@@ -71,7 +59,7 @@ class Connections:
                 **{"connect_timeout": CONNECT_TIMEOUT, **kwargs},
             )
         except psycopg.Error as e:
-            raise StoreError(f"database {self.where}: {_first_line(e)}") from e
+            raise StoreError(f"database {self.where}: {first_line(e)}") from e
 
     async def ready(self) -> None:
         """Migrate once per process, before the first call reads or writes a table."""
@@ -91,68 +79,37 @@ class Connections:
                 await conn.close()
             self._migrated = True
 
-    # -- writes: one connection, in call order ------------------------------------------
+    # -- writes: one connection, in call order (writer.py) -----------------------------
+
+    @property
+    def on_lost(self) -> Callable[[], None] | None:
+        return self.writer.on_lost
+
+    @on_lost.setter
+    def on_lost(self, callback: Callable[[], None] | None) -> None:
+        self.writer.on_lost = callback
+
+    @property
+    def on_failure(self) -> Callable[[], None] | None:
+        return self.writer.on_failure
+
+    @on_failure.setter
+    def on_failure(self, callback: Callable[[], None] | None) -> None:
+        self.writer.on_failure = callback
 
     def submit(self, fn: Callable[..., Awaitable[T]], *args: Any) -> asyncio.Future[T]:
-        """Queue `fn(conn, *args)` now; it runs after every write queued before it."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        if self._closed:
-            future.set_exception(StoreError("the store is closed"))
-            return future
-        self._queue.append((future, fn, args))
-        if self._writing is None or self._writing.done():
-            self._writing = loop.create_task(self._write_queue())
-        return future
+        """Queue `fn(conn, *args)` now (a write of several statements); it runs alone,
+        after every write queued before it."""
+        return self.writer.call(fn, *args)
 
-    async def _write_queue(self) -> None:
-        while self._queue:
-            future, fn, args = self._queue.popleft()
-            try:
-                conn = await self._writer_connection()
-                result = await fn(conn, *args)
-            except DuplicateAttempt as e:
-                _fail(future, e)
-            except StoreError as e:
-                self._failed()
-                _fail(future, e)
-            except psycopg.Error as e:
-                if self._writer is not None and (self._writer.broken or self._writer.closed):
-                    self._lost = True  # the call may have been committed before the break
-                    await self._drop_writer()
-                self._failed()
-                _fail(future, StoreError(f"database {self.where}: {_first_line(e)}"))
-            except Exception as e:  # a bug: the caller gets it, later writes go on
-                _fail(future, e)
-            else:
-                if not future.done():  # else the caller gave up; the write stands
-                    future.set_result(result)
+    def statement(self, sql: str, params: tuple[Any, ...], answer: Answer) -> asyncio.Future[Any]:
+        """Queue one statement now, in order with every other write; it may share a round
+        trip with the statements queued beside it."""
+        return self.writer.statement(sql, params, answer)
 
-    def _failed(self) -> None:
-        """A write failed (committed or not): `on_failure` has the deliverer look again."""
-        if self.on_failure is not None:
-            asyncio.get_running_loop().call_soon(self.on_failure)
-
-    async def _writer_connection(self) -> Conn:
-        if self._writer is not None and not (self._writer.closed or self._writer.broken):
-            return self._writer
-        await self._drop_writer()
+    async def _connect_writer(self) -> Conn:
         await self.ready()
-        self._writer = await self.connect()
-        if self._lost:
-            self._lost = False
-            log.warning("[courier] database %s is back; rescanning unconfirmed work", self.where)
-            if self.on_lost is not None:
-                asyncio.get_running_loop().call_soon(self.on_lost)
-        return self._writer
-
-    async def _drop_writer(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            try:
-                await writer.close()
-            except psycopg.Error:
-                pass
+        return await self.connect()
 
     # -- reads: a pooled connection -----------------------------------------------------
 
@@ -174,7 +131,7 @@ class Connections:
                             continue
                         raise
             except psycopg.Error as e:
-                raise StoreError(f"database {self.where}: {_first_line(e)}") from e
+                raise StoreError(f"database {self.where}: {first_line(e)}") from e
 
     async def beside(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """A write that need not wait for the writer's queue (a claim touches only rows no
@@ -191,7 +148,7 @@ class Connections:
                         asyncio.get_running_loop().call_soon(self.on_lost)
                     raise
         except psycopg.Error as e:
-            raise StoreError(f"database {self.where}: {_first_line(e)}") from e
+            raise StoreError(f"database {self.where}: {first_line(e)}") from e
 
     async def _read_pool(self) -> AsyncConnectionPool[Conn]:
         if self._pool is None:
@@ -222,7 +179,7 @@ class Connections:
         try:
             conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         except psycopg.Error as e:
-            raise StoreError(f"database {self.where}: {_first_line(e)}") from e
+            raise StoreError(f"database {self.where}: {first_line(e)}") from e
         try:  # a process standing by for its name tries again every heartbeat: never leak
             row = conn.execute(
                 "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
@@ -230,7 +187,7 @@ class Connections:
             ).fetchone()
         except psycopg.Error as e:
             conn.close()
-            raise StoreError(f"database {self.where}: {_first_line(e)}") from e
+            raise StoreError(f"database {self.where}: {first_line(e)}") from e
         if not (row and row[0]):
             conn.close()
             return False
@@ -249,14 +206,7 @@ class Connections:
             lock.close()
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._writing is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._writing), CLOSE_TIMEOUT)
-            except asyncio.TimeoutError:
-                log.error("[courier] database writes still queued at close: dropped")
-                self._writing.cancel()
-        await self._drop_writer()
+        await self.writer.aclose()
         if self._pool is not None:
             await self._pool.close()
         self.unlock_instance()
@@ -283,7 +233,15 @@ class Rows:
 
     async def _write(self, sql: str, *params: Any) -> int:
         """One statement through the writer: its row count."""
-        return int(await self.db.submit(self._count, sql, *params))
+        return int(await self.db.statement(sql, params, rowcount))
+
+    def _write_one(self, sql: str, *params: Any) -> asyncio.Future[dict[str, Any] | None]:
+        """One statement through the writer, queued now: its first row."""
+        return self.db.statement(sql, params, first_row)
+
+    def _write_all(self, sql: str, *params: Any) -> asyncio.Future[list[dict[str, Any]]]:
+        """One statement through the writer, queued now: its rows."""
+        return self.db.statement(sql, params, all_rows)
 
 
 async def migrate(conn: Conn, schema: str) -> None:
@@ -342,12 +300,3 @@ async def _version(conn: Conn, schema: str) -> int | None:
     cur = await conn.execute(f"SELECT max(version) AS v FROM {quoted(schema)}.schema_version")
     got = await cur.fetchone()
     return int(got["v"]) if got and got["v"] is not None else None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)

@@ -19,8 +19,9 @@ import psycopg
 from ...errors import StoreError
 from ...jobs import Job
 from ..rows import job_of
-from .connections import Conn, Rows
+from .connections import Rows
 from .schema import FINAL
+from .writer import Conn
 
 log = logging.getLogger(__name__)
 

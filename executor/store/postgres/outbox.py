@@ -13,8 +13,9 @@ from __future__ import annotations
 from ...jobs import CallbackSummary
 from ..base import OutboxEvent
 from ..rows import event_of
-from .connections import Conn, Rows
+from .connections import Rows
 from .schema import FINAL
+from .writer import Conn
 
 LEASE = 120.0  # s an event stays with the host that took it before another may send it
 
@@ -71,8 +72,7 @@ class OutboxRows(Rows):
     async def due_events(self, instance: str, now: float, limit: int) -> list[OutboxEvent]:
         """Due events not leased to another host, leased to `instance` for LEASE seconds."""
         s = self._s
-        rows = await self.db.submit(
-            self._all,
+        rows = await self._write_all(
             f"UPDATE {s}.outbox o SET instance = %s, lease_until = %s FROM (SELECT event_id"
             f" FROM {s}.outbox WHERE state = 'pending' AND next_attempt_at <= %s"
             " AND (lease_until IS NULL OR lease_until <= %s OR instance = %s)"
@@ -152,8 +152,7 @@ class OutboxRows(Rows):
         dead_since: float | None = None,
     ) -> list[OutboxEvent]:
         s = self._s
-        rows = await self.db.submit(
-            self._all,
+        rows = await self._write_all(
             f"UPDATE {s}.outbox o SET state = 'pending', attempts = 0, next_attempt_at = %s,"
             " created_at = %s, updated_at = %s, instance = %s, lease_until = NULL,"
             f" last_error = NULL FROM (SELECT d.event_id, d.updated_at FROM {s}.outbox d"

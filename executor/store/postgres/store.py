@@ -30,10 +30,11 @@ from ..base import OutboxEvent, next_attempts
 from ..group_commit import GroupCommit
 from ..rows import job_of, output_of
 from . import dsn
-from .connections import Conn, Connections
+from .connections import Connections
 from .fleet import FleetRows
 from .outbox import LEASE, OutboxRows
 from .schema import ADMIT, ADMIT_NEW, FINAL, JOB_COLUMNS, job_values, quoted
+from .writer import Conn, Cursor
 
 R = TypeVar("R")
 
@@ -211,8 +212,7 @@ class PostgresStore(OutboxRows, FleetRows):
 
     async def request_cancel(self, content_request_id: str, attempt: int) -> bool:
         """Flag a queued or running attempt; its host is told at once (NOTIFY)."""
-        row = await self.db.submit(
-            self._one,
+        row = await self._write_one(
             f"WITH flagged AS (UPDATE {self._s}.jobs SET cancel_requested = true"
             " WHERE content_request_id = %s AND attempt = %s AND state IN ('queued', 'running')"
             " RETURNING instance)"
@@ -316,8 +316,7 @@ class PostgresStore(OutboxRows, FleetRows):
             at,
             at,
         ]
-        row = await self.db.submit(
-            self._one,
+        row = await self._write_one(
             f"WITH done AS ({update}), event AS (INSERT INTO {s}.outbox (event_id,"
             " content_request_id, attempt, instance, lease_until, body, state, next_attempt_at,"
             " created_at, updated_at) SELECT %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s"
@@ -370,8 +369,7 @@ class PostgresStore(OutboxRows, FleetRows):
 
     def record_image(self, job: Job, seq: int, output: Output) -> asyncio.Future[bool]:
         s = self._s
-        return self.db.submit(
-            self._count_is_one,
+        return self._write_is_one(
             f"INSERT INTO {s}.images (content_request_id, attempt, seq, node_id, idx, key, path,"
             " content_type, bytes, width, height, url)"
             " SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s WHERE EXISTS (SELECT 1 FROM"
@@ -386,8 +384,9 @@ class PostgresStore(OutboxRows, FleetRows):
             output.url, job.content_request_id, job.attempt, job.epoch,
         )  # fmt: skip
 
-    async def _count_is_one(self, conn: Conn, sql: str, *params: Any) -> bool:
-        return await self._count(conn, sql, *params) == 1
+    def _write_is_one(self, sql: str, *params: Any) -> asyncio.Future[bool]:
+        """One statement through the writer, queued now: whether it changed one row."""
+        return self.db.statement(sql, params, _changed_one)
 
     async def images(self, content_request_id: str, attempt: int) -> list[tuple[int, Output]]:
         rows = await self.db.read(
@@ -401,3 +400,7 @@ class PostgresStore(OutboxRows, FleetRows):
 
     async def aclose(self) -> None:
         await self.db.aclose()
+
+
+async def _changed_one(cur: Cursor) -> bool:
+    return cur.rowcount == 1
