@@ -34,6 +34,9 @@ from conftest import API_KEY
 CHECKS = [schemathesis.checks.not_a_server_error, status_code_conformance,
           content_type_conformance, response_headers_conformance, response_schema_conformance]
 EXAMPLES = int(os.environ.get("COURIER_FUZZ_EXAMPLES", "100"))
+# HTTP's own framing: a generated value (content-length: 1WO)e) is refused by aiohttp's
+# parser with a bare 400 before any route runs, which no route or document can change
+FRAMING = {"content-length", "transfer-encoding"}
 RANDOM = os.environ.get("COURIER_FUZZ_RANDOM") == "1"
 
 
@@ -64,6 +67,9 @@ def fuzz(base_url: str) -> tuple[list[str], int]:
                 def run(case: Any) -> None:
                     nonlocal sent
                     sent += 1
+                    if case.headers:
+                        case.headers = {k: v for k, v in case.headers.items()
+                                        if k.lower() not in FRAMING}
                     case.call_and_validate(base_url=base_url, session=session,
                                            headers={"X-API-Key": API_KEY}, checks=CHECKS,
                                            timeout=10)
