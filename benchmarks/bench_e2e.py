@@ -118,6 +118,7 @@ async def measure(url: str, peers: Any, iterations: int, gap: float) -> dict[str
     finally:
         await client.close()
         await watcher.close()
+        await storage.aclose()  # its HTTP session
     out["breakdown"] = breakdown  # type: ignore[assignment]
     return out
 
