@@ -126,25 +126,12 @@ class Journal(OutboxRows, RetentionRows):
         id has a row (then the caller applies the duplicate rule). A quarter less of the
         journal's time on the 202's path than reading first (~70 µs of ~280, measured)."""
         with self._tx() as db:
-            return (
-                db.execute(
-                    "INSERT INTO jobs (content_request_id, attempt, prompt_id, instance, state,"
-                    " workflow, fingerprint, runs, created_at) SELECT ?, 1, ?, ?, ?, ?, ?, ?, ?"
-                    " WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE content_request_id = ?)",
-                    (
-                        job.content_request_id,
-                        job.prompt_id,
-                        job.instance,
-                        job.state.value,
-                        job.workflow,
-                        job.fingerprint,
-                        job.runs,
-                        job.created_at,
-                        job.content_request_id,
-                    ),
-                ).rowcount
-                == 1
+            inserted = db.execute(
+                f"INSERT INTO jobs ({JOB_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE content_request_id = ?)",
+                (*_values(job, attempt=1), job.content_request_id),
             )
+            return inserted.rowcount == 1
 
     def _latest_of(self, ids: list[str]) -> dict[str, Job]:
         """The latest attempt of each id that has one (inside a transaction, if one is open)."""
@@ -164,24 +151,9 @@ class Journal(OutboxRows, RetentionRows):
     def _insert_rows(db: sqlite3.Connection, jobs: list[Job]) -> None:
         """New attempts; undelivered events of their ids' older attempts are dropped."""
         db.execute(
-            "INSERT INTO jobs (content_request_id, attempt, prompt_id, instance, state,"
-            " workflow, fingerprint, runs, created_at) VALUES "
+            f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES "
             + ",".join(["(?,?,?,?,?,?,?,?,?)"] * len(jobs)),
-            [
-                value
-                for job in jobs
-                for value in (
-                    job.content_request_id,
-                    job.attempt,
-                    job.prompt_id,
-                    job.instance,
-                    job.state.value,
-                    job.workflow,
-                    job.fingerprint,
-                    job.runs,
-                    job.created_at,
-                )
-            ],
+            [value for job in jobs for value in _values(job, job.attempt)],
         )
         for job in jobs:
             if job.attempt > 1:
@@ -380,3 +352,24 @@ class Journal(OutboxRows, RetentionRows):
             (content_request_id, attempt),
         ).fetchall()
         return [(r["seq"], output_of(r)) for r in rows]
+
+
+JOB_COLUMNS = (
+    "content_request_id, attempt, prompt_id, instance, state, workflow, fingerprint, runs,"
+    " created_at"
+)
+
+
+def _values(job: Job, attempt: int) -> tuple[object, ...]:
+    """A new attempt's row, in JOB_COLUMNS order."""
+    return (
+        job.content_request_id,
+        attempt,
+        job.prompt_id,
+        job.instance,
+        job.state.value,
+        job.workflow,
+        job.fingerprint,
+        job.runs,
+        job.created_at,
+    )
