@@ -4,6 +4,7 @@ courier wired to the ComfyUI stand-in exactly as `wiring.setup()` wires it into 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -129,8 +130,10 @@ class Receiver:
         return self.requests
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+@contextlib.asynccontextmanager
+async def serving_receiver() -> AsyncIterator[Receiver]:
+    """A callback receiver on loopback; every callback it got must match the OpenAPI
+    document."""
     recv = Receiver()
     app = web.Application()
     app.router.add_post("/callback", recv.handle)
@@ -140,6 +143,12 @@ async def receiver() -> AsyncIterator[Receiver]:
     yield recv
     await server.close()
     assert not recv.conformance.violations, "callbacks that break the OpenAPI document"
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with serving_receiver() as recv:
+        yield recv
 
 
 # -- storage ---------------------------------------------------------------------------

@@ -28,10 +28,8 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from conftest import API_KEY, SERVICE_KEY, Receiver
+from conftest import API_KEY, SERVICE_KEY, Receiver, serving_receiver
 from fakes.storage_server import FakeStorage, start_storage_server
 from fleet_hosts import Fleet
 from pgcluster import free_port
@@ -201,15 +199,8 @@ def fleet_schema(postgres_url: str) -> Iterator[str]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet_receiver() -> AsyncIterator[Receiver]:
-    recv = Receiver()
-    app = web.Application()
-    app.router.add_post("/callback", recv.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    recv.url = str(server.make_url("/callback"))
-    yield recv
-    await server.close()
-    assert not recv.conformance.violations, "callbacks that break the OpenAPI document"
+    async with serving_receiver() as recv:
+        yield recv
     events: dict[str, set[str]] = defaultdict(set)  # over the whole module, every test
     for request in recv.requests:
         events[request.json["content_request_id"]].add(request.headers["webhook-id"])
