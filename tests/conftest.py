@@ -21,8 +21,12 @@ from multidict import CIMultiDict
 
 from comfy_courier import wiring
 from comfy_courier.executor.courier import Courier
+from comfy_courier.executor.jobs import Job, JobState, callback_body
 from comfy_courier.executor.settings import Settings
+from comfy_courier.executor.store import OutboxEvent
 from comfy_courier.executor.store.sqlite.journal import Journal
+from comfy_courier.executor.store.sqlite.store import SqliteStore
+from comfy_courier.executor.store.sqlite.thread import JournalThread
 from comfy_courier.routes import add_routes
 
 from conformance import Conformance
@@ -149,6 +153,30 @@ async def serving_receiver() -> AsyncIterator[Receiver]:
 async def receiver() -> AsyncIterator[Receiver]:
     async with serving_receiver() as recv:
         yield recv
+
+
+# -- an outbox with one event ----------------------------------------------------------
+
+# a real final callback body: the receiver checks what it gets against the OpenAPI document
+BODY = json.dumps(callback_body(Job("d1", 1, "p1", "i", "{}", "f", state=JobState.SUCCESS,
+                                    created_at=0.0))).encode()
+
+
+async def journal_with_one_event(path: Path) -> JournalThread:
+    """A journal (in a thread) holding job d1, finished, and its event msg_d1, undelivered."""
+    db = JournalThread(lambda: Journal(path))
+    job = Job("d1", 1, "p1", "i", "{}", "f", created_at=0.0)
+    await db(Journal.insert, job)
+    job.state, job.finished_at = JobState.SUCCESS, 0.0
+    await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, BODY, 0, 0.0))
+    return db
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    db = await journal_with_one_event(tmp_path / "d.sqlite3")
+    yield SqliteStore(db)
+    db.close()
 
 
 # -- storage ---------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The deliverer against a real loopback receiver: outcomes, schedule, headers."""
 
 import asyncio
-import json
 import logging
 import sqlite3
 
@@ -16,13 +15,11 @@ from comfy_courier.executor.delivery import (
     classify,
     parse_retry_after,
 )
-from comfy_courier.executor.jobs import Job, JobState, callback_body
+from comfy_courier.executor.jobs import Job
 from comfy_courier.executor.store import OutboxEvent
 from comfy_courier.executor.store.sqlite.journal import Journal
-from comfy_courier.executor.store.sqlite.store import SqliteStore
-from comfy_courier.executor.store.sqlite.thread import JournalThread
 
-from conftest import model_free
+from conftest import BODY, model_free
 
 
 @pytest.mark.parametrize("status, kind", [(200, Delivered), (204, Delivered), (301, Retry),
@@ -38,23 +35,6 @@ def test_retry_after_seconds_and_dates():
     assert parse_retry_after("120", 0) == 120
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0) == 10
     assert parse_retry_after("soon", 0) is None
-
-
-# a real final callback body: the receiver checks what it gets against the OpenAPI document
-BODY = json.dumps(callback_body(Job("d1", 1, "p1", "i", "{}", "f", state=JobState.SUCCESS,
-                                    created_at=0.0))).encode()
-
-
-@pytest.fixture
-async def outbox(tmp_path):
-    db = JournalThread(lambda: Journal(tmp_path / "d.sqlite3"))
-    store = SqliteStore(db)
-    job = Job("d1", 1, "p1", "i", "{}", "f", created_at=0.0)
-    await db(Journal.insert, job)
-    job.state, job.finished_at = JobState.SUCCESS, 0.0
-    await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, BODY, 0, 0.0))
-    yield store
-    db.close()
 
 
 @pytest.fixture

@@ -8,15 +8,9 @@ import asyncio
 import pytest
 
 from comfy_courier.executor.delivery import Deliverer
-from comfy_courier.executor.jobs import Job, JobState
+from comfy_courier.executor.jobs import Job
 from comfy_courier.executor.proxies import Proxies
 from comfy_courier.executor.status_updates import StatusNotifier
-from comfy_courier.executor.store import OutboxEvent
-from comfy_courier.executor.store.sqlite.journal import Journal
-from comfy_courier.executor.store.sqlite.store import SqliteStore
-from comfy_courier.executor.store.sqlite.thread import JournalThread
-
-from test_delivery import BODY
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
@@ -51,18 +45,6 @@ def test_the_environment_is_read_when_made_not_per_request(proxy_env):
     assert proxies.for_url("http://app.example/cb") is None
 
 
-@pytest.fixture
-async def outbox(tmp_path):
-    db = JournalThread(lambda: Journal(tmp_path / "p.sqlite3"))
-    store = SqliteStore(db)
-    job = Job("p1", 1, "pp1", "i", "{}", "f", created_at=0.0)
-    await db(Journal.insert, job)
-    job.state, job.finished_at = JobState.SUCCESS, 0.0
-    await db(Journal.finish, job, OutboxEvent("msg_p1", "p1", 1, BODY, 0, 0.0))
-    yield store
-    db.close()
-
-
 async def start_proxy(seen: list[str]) -> asyncio.Server:
     """A forward proxy on loopback that answers 200 itself, noting each request line."""
 
@@ -89,7 +71,7 @@ async def test_a_callback_goes_through_the_environments_proxy(proxy_env, outbox)
         server.close()
         await server.wait_closed()
     assert seen == ["POST http://app.example.invalid/api/cb HTTP/1.1"]
-    assert (await outbox.callback_summary("p1", 1)).state == "delivered"
+    assert (await outbox.callback_summary("d1", 1)).state == "delivered"
 
 
 async def test_a_no_proxy_receiver_is_called_directly(proxy_env, outbox, receiver):
@@ -102,7 +84,7 @@ async def test_a_no_proxy_receiver_is_called_directly(proxy_env, outbox, receive
     finally:
         await deliverer.close()
     assert len(receiver.requests) == 1
-    assert (await outbox.callback_summary("p1", 1)).state == "delivered"
+    assert (await outbox.callback_summary("d1", 1)).state == "delivered"
 
 
 async def test_a_status_update_goes_through_the_environments_proxy_read_once(proxy_env):

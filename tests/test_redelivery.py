@@ -13,10 +13,8 @@ from comfy_courier.executor.redelivery import parse_request, parse_time
 from comfy_courier.executor.store import OutboxEvent
 from comfy_courier.executor.store.sqlite.journal import Journal
 from comfy_courier.executor.store.sqlite.store import SqliteStore
-from comfy_courier.executor.store.sqlite.thread import JournalThread
 
-from conftest import API_KEY, model_free
-from test_delivery import BODY
+from conftest import API_KEY, BODY, journal_with_one_event, model_free
 
 # -- the journal -----------------------------------------------------------------------
 
@@ -107,12 +105,8 @@ class Clock:
 
 async def test_401_is_retried_to_the_horizon_then_redelivered_with_its_webhook_id(tmp_path,
                                                                                    receiver):
-    db = JournalThread(lambda: Journal(tmp_path / "d.sqlite3"))
+    db = await journal_with_one_event(tmp_path / "d.sqlite3")
     clock = Clock()
-    job = Job("d1", 1, "p1", "i", "{}", "f", created_at=0.0)
-    await db(Journal.insert, job)
-    job.state, job.finished_at = JobState.SUCCESS, 0.0
-    await db(Journal.finish, job, OutboxEvent("msg_d1", "d1", 1, BODY, 0, 0.0))
     store = SqliteStore(db)
     deliverer = Deliverer(store, "i", receiver.url, "k", (), schedule=(0, 5, 30), horizon=60,
                           jitter=0.0, clock=clock, monotonic=clock)
