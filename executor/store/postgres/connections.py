@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from ...errors import StoreError
-from .schema import API_ROLES, MIGRATIONS, SCHEMA_VERSION, TABLES, VERSION_TABLE, quoted
+from .schema import API_ROLES, FINAL, MIGRATIONS, SCHEMA_VERSION, TABLES, VERSION_TABLE, quoted
 from .writer import Answer, Conn, Writer, all_rows, first_line, first_row, rowcount
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,36 @@ class Rows:
     def _write_all(self, sql: str, *params: Any) -> asyncio.Future[list[dict[str, Any]]]:
         """One statement through the writer, queued now: its rows."""
         return self.db.statement(sql, params, all_rows)
+
+    async def _requeue(
+        self, conn: Conn, old: str, new: str, runs: int, *, to_fleet: bool = False
+    ) -> int | None:
+        """A job queued again under a new prompt_id and a raised epoch (the old run is
+        fenced), its images dropped (the next run records them again); with `to_fleet`,
+        in the fleet's line for any host (NOTIFY at commit). The new epoch, or None if
+        the job ended meanwhile."""
+        s = self._s
+        host = " instance = NULL," if to_fleet else ""
+        async with conn.transaction():
+            row = await self._one(
+                conn,
+                f"UPDATE {s}.jobs SET prompt_id = %s,{host} runs = runs + %s, state = 'queued',"
+                " epoch = epoch + 1, started_at = NULL, executed_at = NULL,"
+                f" expected_images = NULL WHERE prompt_id = %s AND state NOT IN {FINAL}"
+                " RETURNING content_request_id, attempt, epoch",
+                new,
+                runs,
+                old,
+            )
+            if row is None:
+                return None
+            await conn.execute(
+                f"DELETE FROM {s}.images WHERE content_request_id = %s AND attempt = %s",
+                (row["content_request_id"], row["attempt"]),
+            )
+            if to_fleet:
+                await conn.execute("SELECT pg_notify(%s, 'job')", (self.channel,))
+        return int(row["epoch"])
 
 
 async def migrate(conn: Conn, schema: str) -> None:

@@ -20,7 +20,6 @@ from ...errors import StoreError
 from ...jobs import Job
 from ..rows import job_of
 from .connections import Rows
-from .schema import FINAL
 from .writer import Conn
 
 log = logging.getLogger(__name__)
@@ -80,25 +79,7 @@ class FleetRows(Rows):
     async def _released(self, conn: Conn, old: str, new: str) -> int | None:
         """The run ended with its host: the job waits for any host again, at its old place
         in line (created_at is kept); its images are recorded again by the next run."""
-        s = self._s
-        async with conn.transaction():
-            row = await self._one(
-                conn,
-                f"UPDATE {s}.jobs SET prompt_id = %s, instance = NULL, runs = runs + 1,"
-                " state = 'queued', epoch = epoch + 1, started_at = NULL, executed_at = NULL,"
-                f" expected_images = NULL WHERE prompt_id = %s AND state NOT IN {FINAL}"
-                " RETURNING content_request_id, attempt, epoch",
-                new,
-                old,
-            )
-            if row is None:
-                return None
-            await conn.execute(
-                f"DELETE FROM {s}.images WHERE content_request_id = %s AND attempt = %s",
-                (row["content_request_id"], row["attempt"]),
-            )
-            await conn.execute("SELECT pg_notify(%s, 'job')", (self.channel,))
-        return int(row["epoch"])
+        return await self._requeue(conn, old, new, 1, to_fleet=True)
 
     async def live_hosts(self, now: float, within: float) -> int:
         row = await self.db.read(

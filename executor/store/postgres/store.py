@@ -239,25 +239,7 @@ class PostgresStore(OutboxRows, FleetRows):
         return await self.db.submit(self._resubmitted, old_prompt_id, new_prompt_id, count_run)
 
     async def _resubmitted(self, conn: Conn, old: str, new: str, count_run: bool) -> int | None:
-        s = self._s
-        async with conn.transaction():
-            row = await self._one(
-                conn,
-                f"UPDATE {s}.jobs SET prompt_id = %s, runs = runs + %s, state = 'queued',"
-                " epoch = epoch + 1, started_at = NULL, executed_at = NULL,"
-                f" expected_images = NULL WHERE prompt_id = %s AND state NOT IN {FINAL}"
-                " RETURNING content_request_id, attempt, epoch",
-                new,
-                int(count_run),
-                old,
-            )
-            if row is None:
-                return None
-            await conn.execute(
-                f"DELETE FROM {s}.images WHERE content_request_id = %s AND attempt = %s",
-                (row["content_request_id"], row["attempt"]),
-            )
-        return int(row["epoch"])
+        return await self._requeue(conn, old, new, int(count_run))
 
     async def reclaim(self, prompt_id: str, epoch: int) -> int | None:
         changed = await self._write(
