@@ -1,4 +1,5 @@
-"""Stored rows to records, the same for every backend: a row is read by column name.
+"""Stored rows to records and back, the same for every backend: a row is read by
+column name.
 
 SQLite's `sqlite3.Row` and psycopg's dict rows both read that way.
 """
@@ -62,4 +63,26 @@ def output_of(row: Row) -> Output:
         height=row["height"],
         url=row["url"],
         path=row["path"],
+    )
+
+
+# A job's final write: "UPDATE jobs SET <FINAL_SET> WHERE prompt_id = ? AND epoch = ?"
+FINAL_SET = (
+    "state = {p}, error_type = {p}, error_message = {p}, node_id = {p}, image_urls = {p},"
+    " finished_at = {p}, executed_at = COALESCE(executed_at, {p})"
+)
+
+
+def final_values(job: Job) -> tuple[Any, ...]:
+    """FINAL_SET's values, then the run's prompt_id and epoch (the fencing token)."""
+    return (
+        job.state.value,
+        job.error_type.value if job.error_type else None,
+        job.error_message,
+        job.node_id,
+        json.dumps(job.image_urls),
+        job.finished_at,
+        job.executed_at,
+        job.prompt_id,
+        job.epoch,
     )

@@ -21,14 +21,13 @@ Where hosts share the rows, a few methods mean more than on one host:
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ...jobs import Job, JobState, Output
 from ..base import OutboxEvent, next_attempts
 from ..group_commit import GroupCommit
-from ..rows import job_of, output_of
+from ..rows import FINAL_SET, final_values, job_of, output_of
 from . import dsn
 from .connections import Connections
 from .fleet import FleetRows
@@ -269,21 +268,10 @@ class PostgresStore(OutboxRows, FleetRows):
         assert job.state.final
         s = self._s
         update = (
-            f"UPDATE {s}.jobs SET state = %s, error_type = %s, error_message = %s, node_id = %s,"
-            " image_urls = %s, finished_at = %s, executed_at = COALESCE(executed_at, %s)"
+            f"UPDATE {s}.jobs SET {FINAL_SET.format(p='%s')}"
             f" WHERE prompt_id = %s AND epoch = %s AND state NOT IN {FINAL} RETURNING 1"
         )
-        params: list[Any] = [
-            job.state.value,
-            job.error_type.value if job.error_type else None,
-            job.error_message,
-            job.node_id,
-            json.dumps(job.image_urls),
-            job.finished_at,
-            job.executed_at,
-            job.prompt_id,
-            job.epoch,
-        ]
+        params: list[Any] = list(final_values(job))
         if event is None:
             return 1 == await self._write(update, *params)
         at = event.created_at

@@ -11,7 +11,6 @@ WAL mode needs a local filesystem: a journal on NFS/SMB can corrupt.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from typing import Any
 
 from ...jobs import Job, JobState, Output
 from ..base import DuplicateAttempt, OutboxEvent, next_attempts
-from ..rows import job_of, output_of
+from ..rows import FINAL_SET, final_values, job_of, output_of
 from .outbox import OutboxRows
 from .retention import RetentionRows
 from .schema import (
@@ -280,20 +279,9 @@ class Journal(OutboxRows, RetentionRows):
         assert job.state.final
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET state = ?, error_type = ?, error_message = ?, node_id = ?,"
-                " image_urls = ?, finished_at = ?, executed_at = COALESCE(executed_at, ?)"
+                f"UPDATE jobs SET {FINAL_SET.format(p='?')}"
                 " WHERE prompt_id = ? AND epoch = ? AND state NOT IN ('success', 'error')",
-                (
-                    job.state.value,
-                    job.error_type.value if job.error_type else None,
-                    job.error_message,
-                    job.node_id,
-                    json.dumps(job.image_urls),
-                    job.finished_at,
-                    job.executed_at,
-                    job.prompt_id,
-                    job.epoch,
-                ),
+                final_values(job),
             )
             if cur.rowcount != 1:
                 return False
